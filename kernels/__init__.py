@@ -1,0 +1,1 @@
+"""Triton kernels for the MoE hot path, each with a plain-PyTorch reference."""
