@@ -1,0 +1,221 @@
+"""Generation under a TP x PP x EP x DP layout, launched by torchrun.
+
+    torchrun --nproc_per_node=8 -m moerun.generate --tp 2 --pp 2 --ep 4 --dp 2 \
+        --prompt-ids 1,2,3 --prompt-ids 4,5 --json
+
+Prompts are dealt round-robin to the DP replicas. Every rank mirrors its replica's
+state (which sequences are active, their lengths), so each knows the shape of every
+message without asking. A global step runs each stage once: stage 0 embeds, stages
+pass hidden states point to point, the last stage samples and broadcasts the tokens
+over the replica's gloo group. Replicas step in lockstep, with zero tokens when idle,
+because the MoE all-to-alls of a stage span the DP replicas. (The engine's
+micro-batch schedule replaces this sequential loop.)
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .config import ModelConfig
+from .mesh import DistComm, Mesh
+from .model import AttnMeta
+from .parallel import ParallelConfig
+from .runner import build_model, new_cache, resolve_dtype
+from .sampling import SamplingParams, make_generator, sample
+
+log = logging.getLogger("moerun")
+
+
+@dataclass
+class Runtime:
+    mesh: Mesh
+    model: object
+    cfg: ModelConfig
+
+    @staticmethod
+    def create(model: str, par: ParallelConfig, *, dtype=None, device=None, seed=0,
+               timeout_s=180.0) -> "Runtime":
+        cfg = ModelConfig.load(model)
+        par.validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group
+        mesh = Mesh.create(par, timeout_s, device)
+        dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, mesh.device.type)
+        m = build_model(model, comm=DistComm(mesh), layers=mesh.layers(cfg), dtype=dt,
+                        device=mesh.device, seed=seed, cfg=cfg)
+        return Runtime(mesh, m, cfg)
+
+    def stage_forward(self, tokens_T, meta: AttnMeta, cache, logits_rows=None):
+        """Run this rank's stage on its replica's batch; returns logits on the last stage."""
+        mesh, m, H = self.mesh, self.model, self.cfg.hidden_size
+        T = meta.pos_T.shape[0]
+        if mesh.is_first_stage:
+            x = tokens_T.to(mesh.device)
+        else:
+            x = torch.empty(T, H, dtype=m.dtype, device=mesh.device)
+            if T:
+                dist.recv(x, src=mesh.stage_peer(-1))
+        out = m(x, meta.pos_T, meta, cache, logits_rows=logits_rows)
+        if not mesh.is_last_stage:
+            if T:
+                dist.send(out.contiguous(), dst=mesh.stage_peer(+1))
+            return None
+        return out
+
+    def sampler_rank(self) -> int:
+        c = self.mesh.coord
+        return self.mesh.par.rank_of(self.mesh.par.pp - 1, c.dp, 0)
+
+    def replica_prompts(self, n: int) -> list[int]:
+        """Indices of the prompts this rank's DP replica serves (round-robin)."""
+        return list(range(self.mesh.coord.dp, n, self.mesh.par.dp))
+
+
+@torch.inference_mode()
+def dist_generate(rt: Runtime, prompts: list[list[int]], params: list[SamplingParams]) -> dict[int, list[int]]:
+    """Generate for this replica's prompts; returns {prompt index: output ids} (same on
+    every rank of the replica)."""
+    mesh, cfg, dev = rt.mesh, rt.cfg, rt.mesh.device
+    mine = rt.replica_prompts(len(prompts))
+    eos = set(cfg.eos_token_ids)
+    max_len = max([len(prompts[i]) + params[i].max_new_tokens for i in mine], default=1)
+    cache = new_cache(rt.model, max(len(mine), 1), max_len)
+    is_sampler = mesh.rank == rt.sampler_rank()
+    gens = {i: make_generator(params[i], i) for i in mine} if is_sampler else {}
+    outputs = {i: [] for i in mine}
+    slot = {i: j for j, i in enumerate(mine)}
+    starts = {i: 0 for i in mine}
+    feed = {i: list(prompts[i]) for i in mine}
+    active = list(mine)
+    kill = _fault_injection(mesh.rank)
+    step = 0
+    while True:
+        step += 1
+        if step == kill:
+            os._exit(3)  # a test simulates a crashed rank
+        flag = torch.tensor([len(active)], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.ctrl)
+        if flag.item() == 0:
+            break
+        lens = [len(feed[i]) for i in active]
+        meta = AttnMeta.build([slot[i] for i in active], [starts[i] for i in active], lens, dev)
+        tokens = torch.tensor([t for i in active for t in feed[i]], dtype=torch.long)
+        last = (torch.cumsum(torch.tensor(lens, dtype=torch.long), 0) - 1).to(dev)
+        logits = rt.stage_forward(tokens, meta, cache, logits_rows=last)
+        new = torch.zeros(len(active), dtype=torch.long)
+        if is_sampler and active:
+            new = torch.tensor(sample(logits, [params[i] for i in active], [gens[i] for i in active]))
+        if active:
+            dist.broadcast(new, src=rt.sampler_rank(), group=mesh.replica)
+        still = []
+        for i, tok in zip(active, new.tolist()):
+            outputs[i].append(tok)
+            starts[i] += len(feed[i])
+            feed[i] = [tok]
+            sp = params[i]
+            if not (tok in sp.stop_token_ids or (not sp.ignore_eos and tok in eos)) \
+                    and len(outputs[i]) < sp.max_new_tokens:
+                still.append(i)
+        active = still
+    return outputs
+
+
+def _fault_injection(rank: int) -> int | None:
+    """``MOERUN_TEST_KILL=rank:step`` makes that rank die abruptly at that step (tests)."""
+    spec = os.environ.get("MOERUN_TEST_KILL")
+    if not spec:
+        return None
+    r, step = (int(v) for v in spec.split(":"))
+    return step if r == rank else None
+
+
+@torch.inference_mode()
+def dist_prefill_logits(rt: Runtime, prompts: list[list[int]]) -> dict[int, torch.Tensor] | None:
+    """Float32 logits of every prompt position (one prefill step); the dict reaches rank 0."""
+    mine = rt.replica_prompts(len(prompts))
+    lens = [len(prompts[i]) for i in mine]
+    meta = AttnMeta.build(list(range(len(mine))), [0] * len(mine), lens, rt.mesh.device)
+    cache = new_cache(rt.model, max(len(mine), 1), max(lens, default=1))
+    tokens = torch.tensor([t for i in mine for t in prompts[i]], dtype=torch.long)
+    logits = rt.stage_forward(tokens, meta, cache)
+    part = {}
+    if rt.mesh.rank == rt.sampler_rank() and mine:
+        part = dict(zip(mine, logits.float().cpu().split(lens)))
+    return gather_to_rank0(rt.mesh, part)
+
+
+def gather_to_rank0(mesh: Mesh, part: dict):
+    parts = [None] * mesh.par.world_size if mesh.rank == 0 else None
+    dist.gather_object(part, parts, dst=0, group=mesh.ctrl)
+    if mesh.rank != 0:
+        return None
+    merged = {}
+    for p in parts:
+        merged.update(p)
+    return merged
+
+
+def main(args) -> int:
+    """``moerun generate`` under torchrun (args parsed by moerun.generate)."""
+    from . import kernels
+    from .generate import read_prompts, results_json, sampling_for
+    from .tokenizer import load_tokenizer
+
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        logging.getLogger("moerun").setLevel(logging.WARNING)
+    try:
+        kernels.set_default_impl(args.kernels)
+        par = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, dp=args.dp)
+        cfg = ModelConfig.load(args.model)
+        tok = load_tokenizer(args.model, cfg)
+        t0 = time.perf_counter()
+        rt = Runtime.create(args.model, par, dtype=args.dtype, device=args.device, seed=args.seed,
+                            timeout_s=args.timeout)
+        log.info("%s on %d ranks: stage %s holds layers %s; loaded in %.1fs", par, par.world_size,
+                 rt.mesh.coord.pp, list(rt.mesh.layers(cfg)), time.perf_counter() - t0)
+        box = [None]
+        if rank == 0:
+            try:
+                box = [read_prompts(args, tok)]
+            except ValueError as e:
+                box = [e]
+        dist.broadcast_object_list(box, src=0, group=rt.mesh.ctrl)
+        if isinstance(box[0], Exception):
+            raise box[0]
+        prompts = box[0]
+        bad = [i for i, (p, _) in enumerate(prompts) if not p or any(not 0 <= t < cfg.vocab_size for t in p)]
+        if bad:
+            raise ValueError(f"prompt(s) {bad} are empty or have token ids outside the vocabulary "
+                             f"(0..{cfg.vocab_size - 1})")
+        params = [sampling_for(args, m) for _, m in prompts]
+        t0 = time.perf_counter()
+        outs = dist_generate(rt, [p for p, _ in prompts], params)
+        part = outs if rt.mesh.coord.pp == 0 and rt.mesh.coord.tp == 0 else {}
+        merged = gather_to_rank0(rt.mesh, part)
+        if rank == 0:
+            dt = time.perf_counter() - t0
+            outputs = [merged[i] for i in range(len(prompts))]
+            n = sum(map(len, outputs))
+            log.info("generated %d tokens for %d prompt(s) in %.2fs (%.1f tokens/s, measured, %s, %s)",
+                     n, len(prompts), dt, n / dt if dt else 0.0, par, rt.mesh.device.type)
+            import json
+            if args.json:
+                print(json.dumps(results_json(prompts, outputs, tok)), flush=True)
+            else:
+                for o in outputs:
+                    print(tok.decode(o) if tok else " ".join(map(str, o)), flush=True)
+        dist.barrier(group=rt.mesh.ctrl)
+        dist.destroy_process_group()
+        return 0
+    except ValueError as e:  # bad layout or request: the same message on every rank
+        if rank == 0:
+            print(f"moerun generate: error: {e}", file=sys.stderr, flush=True)
+        os._exit(2)
+    except Exception as e:  # a peer died or a collective timed out: exit, never hang
+        print(f"moerun generate: rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        os._exit(1)

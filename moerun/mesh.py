@@ -1,0 +1,150 @@
+"""Process groups for a TP x PP x EP x DP layout, and ``DistComm``: the collectives the
+model calls, implemented on them.
+
+    par.validate(cfg, world_size)              # before any group exists
+    mesh = Mesh.create(par, timeout_s=180)     # under torchrun: NCCL on CUDA, gloo on CPU
+    model = MoEModel(cfg, DistComm(mesh), layers=mesh.layers(cfg))
+
+The mesh is a ``DeviceMesh`` ("pp", "dp", "tp"), tp fastest. EP groups are carved from
+each stage's dp*tp ranks (``ParallelConfig.ep_group_ranks``). A gloo ``ctrl`` group over
+all ranks carries small CPU messages (plans, tokens, flags), and a gloo ``replica``
+group spans the pp*tp ranks of one DP replica. Every group has the collective timeout,
+so a dead rank becomes an error on the others rather than a hang.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .comm import Comm
+from .config import ModelConfig
+from .parallel import ParallelConfig, RankCoord
+
+# torch 2.13 names the tensor collectives *_single and warns on the old names.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@dataclass
+class Mesh:
+    par: ParallelConfig
+    rank: int
+    coord: RankCoord
+    device: torch.device
+    device_mesh: object
+    tp_group: object
+    ep_group: object
+    ctrl: object  # gloo, all ranks
+    replica: object  # gloo, the pp*tp ranks of this DP replica
+    replica_ranks: list[int]
+
+    @staticmethod
+    def create(par: ParallelConfig, timeout_s: float = 180.0, device: str | None = None) -> "Mesh":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if str(device).startswith("cuda"):
+            local = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
+            torch.cuda.set_device(local)
+            dev, backend = torch.device("cuda", local), "nccl"
+        else:
+            dev, backend = torch.device("cpu"), "gloo"
+        timeout = timedelta(seconds=timeout_s)
+        if not dist.is_initialized():
+            dist.init_process_group(backend, timeout=timeout, world_size=world, rank=rank)
+        dm = init_device_mesh(dev.type, (par.pp, par.dp, par.tp), mesh_dim_names=("pp", "dp", "tp"))
+        coord = par.coord(rank)
+        ctrl = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+        ep_group = replica = None
+        replica_ranks: list[int] = []
+        for pp in range(par.pp):  # every rank creates every group, in the same order
+            for g in range(par.dp * par.tp // par.ep):
+                grp = dist.new_group(par.ep_group_ranks(pp, g), timeout=timeout)
+                if (pp, g) == (coord.pp, coord.ep_group):
+                    ep_group = grp
+        for d in range(par.dp):
+            ranks = [par.rank_of(p, d, t) for p in range(par.pp) for t in range(par.tp)]
+            grp = dist.new_group(ranks, backend="gloo", timeout=timeout)
+            if d == coord.dp:
+                replica, replica_ranks = grp, ranks
+        return Mesh(par, rank, coord, dev, dm, dm["tp"].get_group(), ep_group, ctrl, replica, replica_ranks)
+
+    def layers(self, cfg: ModelConfig) -> range:
+        return self.par.stage_layers(cfg.num_layers)[self.coord.pp]
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.coord.pp == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.coord.pp == self.par.pp - 1
+
+    def stage_peer(self, offset: int) -> int:
+        """The rank holding the same (dp, tp) position ``offset`` stages away."""
+        c = self.coord
+        return self.par.rank_of(c.pp + offset, c.dp, c.tp)
+
+
+class DistComm(Comm):
+    def __init__(self, mesh: Mesh):
+        self.mesh = mesh
+        self.tp_size, self.tp_rank = mesh.par.tp, mesh.coord.tp
+        self.ep_size, self.ep_rank = mesh.par.ep, mesh.coord.ep_rank
+
+    # TP collectives: every rank of a TP group holds the same T, so T = 0 is skipped by all.
+    def tp_all_reduce(self, x):
+        if self.tp_size > 1 and x.numel():
+            dist.all_reduce(x, group=self.mesh.tp_group)
+        return x
+
+    def tp_reduce_scatter_tokens(self, x_TH):
+        if self.tp_size == 1 or x_TH.numel() == 0:
+            return x_TH[slice(*self.tp_token_range(x_TH.shape[0]))]
+        T = x_TH.shape[0]
+        per = -(-T // self.tp_size)
+        x = F.pad(x_TH, (0, 0, 0, per * self.tp_size - T)).contiguous()
+        out = x.new_empty(per, x.shape[1])
+        _reduce_scatter(out, x, group=self.mesh.tp_group)
+        s, e = self.tp_token_range(T)
+        return out[: e - s]
+
+    def tp_all_gather_tokens(self, x_tH, num_tokens):
+        if self.tp_size == 1 or num_tokens == 0:
+            return x_tH
+        per = -(-num_tokens // self.tp_size)
+        x = F.pad(x_tH, (0, 0, 0, per - x_tH.shape[0])).contiguous()
+        out = x.new_empty(per * self.tp_size, x.shape[1])
+        _all_gather(out, x, group=self.mesh.tp_group)
+        return out[:num_tokens]
+
+    def tp_all_gather_last(self, x):
+        if self.tp_size == 1 or x.numel() == 0:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.tp_size)]
+        dist.all_gather(parts, x.contiguous(), group=self.mesh.tp_group)
+        return torch.cat(parts, dim=-1)
+
+    # EP collectives span DP replicas: always called, even with zero rows.
+    def ep_all_to_all(self, send, send_splits, recv_splits):
+        if self.ep_size == 1:
+            return send
+        out = send.new_empty((sum(recv_splits),) + tuple(send.shape[1:]))
+        dist.all_to_all_single(out, send.contiguous(), recv_splits, send_splits, group=self.mesh.ep_group)
+        return out
+
+    def ep_exchange_counts(self, send_counts):
+        if self.ep_size == 1:
+            return send_counts
+        send = send_counts.to(self.mesh.device, torch.int64).contiguous()
+        out = torch.empty_like(send)
+        dist.all_to_all_single(out, send, group=self.mesh.ep_group)
+        return out.cpu()

@@ -1,0 +1,138 @@
+"""Grouped-query attention with heads split over TP, q/k norms, RoPE and a KV cache.
+
+``AttnMeta`` describes one forward: the new tokens of B sequences concatenated into T
+rows. Queries are scattered into a padded ``[B, Nq, ...]`` block so one
+``scaled_dot_product_attention`` call per layer serves prefill, decode and any mix.
+
+Shape legend: T = new tokens, B = sequences, Nq = most new tokens of one sequence,
+L = longest cached length, N = heads (local), D = head dim.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..comm import Comm
+from ..config import ModelConfig
+from ..weights_spec import TensorSpec
+from .layers import Linear, RMSNorm, apply_rope
+
+
+@dataclass
+class AttnMeta:
+    slots_B: torch.Tensor  # KV cache slot of each sequence
+    slot_T: torch.Tensor  # slot of each new token
+    pos_T: torch.Tensor  # position of each new token
+    pad_index_T: torch.Tensor  # where each token sits in the flat [B * Nq] query block
+    starts: list[int]
+    lens: list[int]
+    max_new: int
+    max_len: int
+    _masks: dict = field(default_factory=dict)
+
+    @staticmethod
+    def build(slots: list[int], starts: list[int], lens: list[int], device) -> "AttnMeta":
+        max_new = max(lens) if lens else 0
+        slot_T, pos_T, pad_T = [], [], []
+        for b, (slot, s, n) in enumerate(zip(slots, starts, lens)):
+            slot_T += [slot] * n
+            pos_T += range(s, s + n)
+            pad_T += range(b * max_new, b * max_new + n)
+        t = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+        return AttnMeta(t(slots), t(slot_T), t(pos_T), t(pad_T), list(starts), list(lens), max_new,
+                        max((s + n for s, n in zip(starts, lens)), default=0))
+
+    def mask(self, window: int) -> torch.Tensor:
+        """[B, 1, Nq, L] bool, True = may attend: causal, within the sequence, in the window."""
+        if window not in self._masks:
+            dev = self.slots_B.device
+            starts = torch.tensor(self.starts, device=dev)[:, None, None]
+            lens = torch.tensor(self.lens, device=dev)[:, None, None]
+            j = torch.arange(self.max_new, device=dev)[None, :, None]
+            kpos = torch.arange(self.max_len, device=dev)[None, None, :]
+            qpos = starts + j
+            m = (kpos <= qpos) & (j < lens)
+            if window:
+                m &= qpos - kpos < window
+            m[:, :, 0] |= ~(j < lens)[:, :, 0]  # padded query rows: attend to one key, not NaN
+            self._masks[window] = m[:, None]
+        return self._masks[window]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, comm: Comm, layer: int, dtype=None):
+        super().__init__()
+        tp, r, D = comm.tp_size, comm.tp_rank, cfg.head_dim
+        self.cfg, self.comm, self.window = cfg, comm, cfg.sliding_windows[layer]
+        self.num_heads = cfg.num_heads // tp
+        if cfg.num_kv_heads >= tp:
+            self.num_kv_heads, kv0 = cfg.num_kv_heads // tp, r * (cfg.num_kv_heads // tp)
+        else:  # more TP ranks than KV heads: each rank holds one replicated KV head
+            self.num_kv_heads, kv0 = 1, r // (tp // cfg.num_kv_heads)
+        self.kv_replicas = max(tp // cfg.num_kv_heads, 1)
+        q_part = range(r * self.num_heads * D, (r + 1) * self.num_heads * D)
+        kv_part = range(kv0 * D, (kv0 + self.num_kv_heads) * D)
+        H, Q, KV = cfg.hidden_size, cfg.num_heads * D, cfg.num_kv_heads * D
+        self.q_part, self.kv_part = q_part, kv_part
+        self.q_proj = Linear(H, Q, bias=cfg.qkv_bias, out_part=q_part, dtype=dtype)
+        self.k_proj = Linear(H, KV, bias=cfg.qkv_bias, out_part=kv_part, dtype=dtype)
+        self.v_proj = Linear(H, KV, bias=cfg.qkv_bias, out_part=kv_part, dtype=dtype)
+        self.o_proj = Linear(Q, H, bias=cfg.o_bias, in_part=q_part, add_bias=r == 0, dtype=dtype)
+        if cfg.qk_norm == "full":
+            self.q_norm = RMSNorm(len(q_part), cfg.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(len(kv_part), cfg.rms_norm_eps, dtype)
+        elif cfg.qk_norm == "head":
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps, dtype)
+
+    def _full_norm_stats(self, replicas: int, full: int):
+        """Sum of squares over the whole (TP-split) projection, counting replicas once."""
+        if self.comm.tp_size == 1:
+            return None
+
+        def total(sq_T1):
+            parts = self.comm.tp_all_gather_last(sq_T1)  # [T, tp]
+            return parts[:, ::replicas].sum(-1, keepdim=True), full
+        return total
+
+    def forward(self, x_TH, cos_TD, sin_TD, meta: AttnMeta, cache, layer: int) -> torch.Tensor:
+        """Returns this rank's partial output [T, H]; the caller sums it over TP."""
+        cfg, T, D = self.cfg, x_TH.shape[0], self.cfg.head_dim
+        q, k, v = self.q_proj(x_TH), self.k_proj(x_TH), self.v_proj(x_TH)
+        if cfg.qk_norm == "full":
+            q = self.q_norm(q, self._full_norm_stats(1, cfg.num_heads * D))
+            k = self.k_norm(k, self._full_norm_stats(self.kv_replicas, cfg.num_kv_heads * D))
+        if cfg.clip_qkv is not None:
+            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        q = q.view(T, self.num_heads, D)
+        k = k.view(T, self.num_kv_heads, D)
+        v = v.view(T, self.num_kv_heads, D)
+        if cfg.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos_TD, sin_TD), apply_rope(k, cos_TD, sin_TD)
+        cache.write(layer, meta.slot_T, meta.pos_T, k, v)
+        k_BLND, v_BLND = cache.read(layer, meta.slots_B, meta.max_len)
+        B = len(meta.lens)
+        q_pad = q.new_zeros(B * meta.max_new, self.num_heads, D)
+        q_pad[meta.pad_index_T] = q
+        out = F.scaled_dot_product_attention(
+            q_pad.view(B, meta.max_new, self.num_heads, D).transpose(1, 2),
+            k_BLND.transpose(1, 2), v_BLND.transpose(1, 2),
+            attn_mask=meta.mask(self.window), enable_gqa=self.num_heads != self.num_kv_heads,
+        )  # [B, N, Nq, D]
+        out = out.transpose(1, 2).reshape(B * meta.max_new, self.num_heads * D)[meta.pad_index_T]
+        return self.o_proj(out)
+
+    def specs(self, prefix: str) -> list[TensorSpec]:
+        s = self.q_proj.specs(f"{prefix}.q_proj") + self.k_proj.specs(f"{prefix}.k_proj")
+        s += self.v_proj.specs(f"{prefix}.v_proj") + self.o_proj.specs(f"{prefix}.o_proj")
+        cfg, D = self.cfg, self.cfg.head_dim
+        if cfg.qk_norm == "full":
+            s += self.q_norm.specs(f"{prefix}.q_norm.weight", cfg.num_heads * D, self.q_part)
+            s += self.k_norm.specs(f"{prefix}.k_norm.weight", cfg.num_kv_heads * D, self.kv_part)
+        elif cfg.qk_norm == "head":
+            s += self.q_norm.specs(f"{prefix}.q_norm.weight") + self.k_norm.specs(f"{prefix}.k_norm.weight")
+        return s

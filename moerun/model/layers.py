@@ -1,0 +1,136 @@
+"""Building blocks: RMSNorm, rotary embedding, (column/row-parallel) linear, vocab-parallel
+embedding and LM head.
+
+Each layer holds only its rank's slice of the full weight and lists, with
+``specs(prefix)``, which slice of which checkpoint tensor fills it. With the default
+full ranges every layer is the plain single-process layer.
+
+Shape legend: T = tokens, H = hidden, V = vocab, D = head dim.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..comm import Comm
+from ..weights_spec import TensorSpec, cols, rows
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, sumsq_total=None) -> torch.Tensor:
+        """``sumsq_total(sq_T1) -> (sq_T1, n)`` totals the squares over ranks when the
+        normalised dim is split over TP (OLMoE's q/k norm spans all heads)."""
+        xf = x.float()
+        sq = xf.pow(2).sum(-1, keepdim=True)
+        n = x.shape[-1]
+        if sumsq_total is not None:
+            sq, n = sumsq_total(sq)
+        xf = xf * torch.rsqrt(sq / n + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+    def specs(self, name: str, full: int | None = None, part: range | None = None) -> list[TensorSpec]:
+        full = full or self.weight.shape[0]
+        return [TensorSpec(name, (full,), self.weight, rows(part) if part else ())]
+
+
+def rope_cos_sin(positions_T: torch.Tensor, head_dim: int, theta: float, dtype):
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions_T.device,
+                                             dtype=torch.float32) / head_dim))
+    freqs = positions_T.float()[:, None] * inv_freq[None, :]  # [T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x_TND: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
+    half = x_TND.shape[-1] // 2
+    rot = torch.cat((-x_TND[..., half:], x_TND[..., :half]), dim=-1)
+    return x_TND * cos_TD[:, None, :] + rot * sin_TD[:, None, :]
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b) holding rows ``out_part`` and columns ``in_part`` of the full W.
+
+    Column-parallel: ``out_part`` is this rank's share of the outputs.
+    Row-parallel: ``in_part`` is its share of the inputs; the caller sums the partial
+    outputs over TP, and the bias is added on TP rank 0 only so the sum counts it once.
+    """
+
+    def __init__(self, in_full: int, out_full: int, *, bias: bool = False,
+                 out_part: range | None = None, in_part: range | None = None,
+                 add_bias: bool = True, dtype=None):
+        super().__init__()
+        self.in_full, self.out_full = in_full, out_full
+        self.out_part = out_part or range(out_full)
+        self.in_part = in_part or range(in_full)
+        self.weight = nn.Parameter(torch.empty(len(self.out_part), len(self.in_part), dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(len(self.out_part), dtype=dtype)) if bias else None
+        self.add_bias = add_bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias if self.add_bias else None)
+
+    def specs(self, prefix: str) -> list[TensorSpec]:
+        out = [TensorSpec(f"{prefix}.weight", (self.out_full, self.in_full), self.weight,
+                          rows(self.out_part) + cols(self.in_part)[1:])]
+        if self.bias is not None:
+            out.append(TensorSpec(f"{prefix}.bias", (self.out_full,), self.bias, rows(self.out_part)))
+        return out
+
+
+def vocab_part(vocab_size: int, comm: Comm) -> range:
+    per = -(-vocab_size // comm.tp_size)
+    start = min(comm.tp_rank * per, vocab_size)
+    return range(start, min(start + per, vocab_size))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows ``part`` of the embedding table; ids outside it give zeros, summed over TP."""
+
+    def __init__(self, vocab_size: int, hidden: int, comm: Comm, dtype=None):
+        super().__init__()
+        self.vocab_size, self.hidden, self.comm = vocab_size, hidden, comm
+        self.part = vocab_part(vocab_size, comm)
+        self.weight = nn.Parameter(torch.empty(len(self.part), hidden, dtype=dtype))
+
+    def forward(self, ids_T: torch.Tensor) -> torch.Tensor:
+        if self.comm.tp_size == 1:
+            return F.embedding(ids_T, self.weight)
+        local = ids_T - self.part.start
+        mine = (local >= 0) & (local < len(self.part))
+        x_TH = F.embedding(local.clamp(0, max(len(self.part) - 1, 0)), self.weight) * mine[:, None]
+        return self.comm.tp_all_reduce(x_TH)
+
+    def specs(self, name: str) -> list[TensorSpec]:
+        return [TensorSpec(name, (self.vocab_size, self.hidden), self.weight, rows(self.part))]
+
+
+class LMHead(nn.Module):
+    """Vocab-parallel output projection; full logits gathered over TP."""
+
+    def __init__(self, vocab_size: int, hidden: int, comm: Comm, tied: VocabParallelEmbedding | None,
+                 dtype=None):
+        super().__init__()
+        self.vocab_size, self.hidden, self.comm = vocab_size, hidden, comm
+        self.part = vocab_part(vocab_size, comm)
+        self.tied = tied is not None
+        self.weight = tied.weight if tied is not None else nn.Parameter(
+            torch.empty(len(self.part), hidden, dtype=dtype))
+
+    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x_TH, self.weight)  # [T, V/tp]
+        if self.comm.tp_size == 1:
+            return logits
+        per = -(-self.vocab_size // self.comm.tp_size)  # ceil split: pad, gather, cut
+        logits = F.pad(logits, (0, per - logits.shape[-1]))
+        return self.comm.tp_all_gather_last(logits)[:, : self.vocab_size]
+
+    def specs(self, name: str) -> list[TensorSpec]:
+        if self.tied:
+            return []
+        return [TensorSpec(name, (self.vocab_size, self.hidden), self.weight, rows(self.part))]

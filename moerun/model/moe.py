@@ -1,0 +1,103 @@
+"""The MoE block: replicated router, experts held as stacked tensors, and the dispatch
+seam where expert parallelism's all-to-all sits. Also the dense SwiGLU MLP (Qwen's
+``mlp_only_layers``) and Qwen2-MoE's gated shared expert.
+
+Experts are stored as ``w13 [E_local, 2F, H]`` (gate rows, then up rows) and
+``w2 [E_local, H, F]`` (down), the layout the fused Triton kernel reads. This rank
+holds experts ``[expert_start, expert_start + E_local)``.
+
+The block runs on this TP rank's share of the tokens (see ``moerun.comm``), so the
+router, the shared expert and the dense MLP are replicated, not TP-split.
+
+Shape legend: t = this rank's tokens, H = hidden, E = experts, K = top-k, F = expert FFN,
+R = rows received from the EP group.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels as K
+from ..comm import Comm
+from ..config import ModelConfig
+from ..weights_spec import TensorSpec
+from .layers import Linear
+
+# HF tensor names of one expert's (gate, up, down) projections, by family.
+_EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2")}
+_DEFAULT_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, ffn: int, dtype=None):
+        super().__init__()
+        self.gate_proj = Linear(hidden, ffn, dtype=dtype)
+        self.up_proj = Linear(hidden, ffn, dtype=dtype)
+        self.down_proj = Linear(ffn, hidden, dtype=dtype)
+
+    def forward(self, x_tH: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x_tH)) * self.up_proj(x_tH))
+
+    def specs(self, prefix: str) -> list[TensorSpec]:
+        return [s for n in ("gate_proj", "up_proj", "down_proj") for s in getattr(self, n).specs(f"{prefix}.{n}")]
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, comm: Comm, dtype=None):
+        super().__init__()
+        self.cfg, self.comm = cfg, comm
+        E, H, Fw = cfg.num_experts, cfg.hidden_size, cfg.moe_ffn
+        self.num_local = E // comm.ep_size
+        self.expert_start = comm.ep_rank * self.num_local
+        self.gate = Linear(H, E, dtype=dtype)  # the router, replicated
+        self.w13 = nn.Parameter(torch.empty(self.num_local, 2 * Fw, H, dtype=dtype))
+        self.w2 = nn.Parameter(torch.empty(self.num_local, H, Fw, dtype=dtype))
+        self.shared_expert = DenseMLP(H, cfg.shared_expert_ffn, dtype) if cfg.shared_expert_ffn else None
+        self.shared_expert_gate = Linear(H, 1, dtype=dtype) if cfg.shared_expert_ffn else None
+
+    def route(self, x_tH: torch.Tensor):
+        logits_tE = self.gate(x_tH)
+        return K.topk_softmax(logits_tE, self.cfg.top_k, self.cfg.norm_topk_prob)  # [t, K] f32, int32
+
+    def forward(self, x_tH: torch.Tensor) -> torch.Tensor:
+        weights_tK, ids_tK = self.route(x_tH)
+        if self.comm.ep_size == 1:
+            out = K.fused_moe(x_tH, self.w13, self.w2, weights_tK, ids_tK)
+        else:
+            out = self._expert_parallel(x_tH, weights_tK, ids_tK)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x_tH)) * self.shared_expert(x_tH)
+        return out
+
+    def _expert_parallel(self, x_tH, weights_tK, ids_tK) -> torch.Tensor:
+        """The seam: dispatch token-slots to the EP ranks owning their experts, run the
+        local experts on what arrives, send the results back and combine."""
+        comm, E = self.comm, self.cfg.num_experts
+        owner_E = K.contiguous_expert_ranks(E, comm.ep_size, x_tH.device)
+        send, send_splits, meta = K.dispatch(x_tH, ids_tK, weights_tK, owner_E, num_ranks=comm.ep_size)
+        send_splits = [int(n) for n in send_splits]
+        recv_splits = comm.ep_exchange_counts(torch.tensor(send_splits)).tolist()
+        recv_RH = comm.ep_all_to_all(send, send_splits, recv_splits)
+        recv_ids_R = comm.ep_all_to_all(meta.expert_of_row, send_splits, recv_splits)
+        ones_R1 = torch.ones(recv_RH.shape[0], 1, dtype=torch.float32, device=x_tH.device)
+        y_RH = K.fused_moe(recv_RH, self.w13, self.w2, ones_R1, recv_ids_R[:, None],
+                           expert_start=self.expert_start, num_local_experts=self.num_local)
+        back = comm.ep_all_to_all(y_RH, recv_splits, send_splits)
+        return K.combine(back, meta)
+
+    def specs(self, prefix: str) -> list[TensorSpec]:
+        cfg, Fw, H = self.cfg, self.cfg.moe_ffn, self.cfg.hidden_size
+        gate_n, up_n, down_n = _EXPERT_NAMES.get(cfg.model_type, _DEFAULT_EXPERT_NAMES)
+        s = self.gate.specs(f"{prefix}.gate")
+        for j in range(self.num_local):
+            e = f"{prefix}.experts.{self.expert_start + j}"
+            s += [TensorSpec(f"{e}.{gate_n}.weight", (Fw, H), self.w13[j, :Fw]),
+                  TensorSpec(f"{e}.{up_n}.weight", (Fw, H), self.w13[j, Fw:]),
+                  TensorSpec(f"{e}.{down_n}.weight", (H, Fw), self.w2[j])]
+        if self.shared_expert is not None:
+            s += self.shared_expert.specs(f"{prefix}.shared_expert")
+            s += self.shared_expert_gate.specs(f"{prefix}.shared_expert_gate")
+        return s

@@ -1,0 +1,91 @@
+"""The MoE decoder: wiring only. One class serves every family and every layout: a
+pipeline stage builds the layers ``layers`` of the model, plus the embedding if it is
+the first stage and the final norm and LM head if it is the last.
+
+    model = MoEModel(cfg)                                   # whole model, one process
+    model = MoEModel(cfg, comm, layers=range(8, 16))        # last stage of PP=2
+
+Shape legend: T = new tokens of the batch, t = this TP rank's share, H = hidden, V = vocab.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..comm import Comm
+from ..config import ModelConfig
+from ..weights_spec import TensorSpec
+from .attention import Attention, AttnMeta
+from .layers import LMHead, RMSNorm, VocabParallelEmbedding, rope_cos_sin
+from .moe import MoE, DenseMLP
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, comm: Comm, layer: int, dtype=None):
+        super().__init__()
+        self.comm = comm
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg, comm, layer, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MoE(cfg, comm, dtype) if cfg.moe_layers[layer] else DenseMLP(
+            cfg.hidden_size, cfg.dense_ffn, dtype)
+        self.moe_prefix = "block_sparse_moe" if cfg.model_type == "mixtral" else "mlp"
+
+    def forward(self, h_TH, cos, sin, meta: AttnMeta, cache, local_layer: int) -> torch.Tensor:
+        T = h_TH.shape[0]
+        a_TH = self.self_attn(self.input_layernorm(h_TH), cos, sin, meta, cache, local_layer)
+        a_tH = self.comm.tp_reduce_scatter_tokens(a_TH)  # sum over TP, keep 1/tp of tokens
+        s, e = self.comm.tp_token_range(T)
+        h_tH = h_TH[s:e] + a_tH
+        h_tH = h_tH + self.mlp(self.post_attention_layernorm(h_tH))
+        return self.comm.tp_all_gather_tokens(h_tH, T)
+
+    def specs(self, prefix: str) -> list[TensorSpec]:
+        mlp_prefix = f"{prefix}.{self.moe_prefix if isinstance(self.mlp, MoE) else 'mlp'}"
+        return (self.input_layernorm.specs(f"{prefix}.input_layernorm.weight")
+                + self.self_attn.specs(f"{prefix}.self_attn")
+                + self.post_attention_layernorm.specs(f"{prefix}.post_attention_layernorm.weight")
+                + self.mlp.specs(mlp_prefix))
+
+
+class MoEModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, comm: Comm | None = None, layers: range | None = None,
+                 dtype=torch.float32):
+        super().__init__()
+        self.cfg, self.comm = cfg, comm or Comm()
+        self.layer_ids = layers if layers is not None else range(cfg.num_layers)
+        self.is_first = self.layer_ids.start == 0
+        self.is_last = self.layer_ids.stop == cfg.num_layers
+        self.dtype = dtype
+        H = cfg.hidden_size
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, H, self.comm, dtype) if self.is_first else None
+        self.layers = nn.ModuleList(DecoderLayer(cfg, self.comm, i, dtype) for i in self.layer_ids)
+        if self.is_last:
+            self.norm = RMSNorm(H, cfg.rms_norm_eps, dtype)
+            share = self.embed_tokens if cfg.tie_word_embeddings and self.is_first else None
+            self.lm_head = LMHead(cfg.vocab_size, H, self.comm, share, dtype)
+            # a tied head on a stage without the embedding loads the embedding's tensor
+            self.lm_head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+
+    def forward(self, x, positions_T: torch.Tensor, meta: AttnMeta, cache,
+                logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``x``: token ids [T] on the first stage, hidden states [T, H] after it.
+        Returns hidden states [T, H], or on the last stage logits [R, V] of the rows
+        ``logits_rows`` (all rows when None)."""
+        h = self.embed_tokens(x) if self.is_first else x
+        cos, sin = rope_cos_sin(positions_T, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
+        for j, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, meta, cache, j)
+        if not self.is_last:
+            return h
+        if logits_rows is not None:
+            h = h[logits_rows]
+        return self.lm_head(self.norm(h)).float()
+
+    def specs(self) -> list[TensorSpec]:
+        s = self.embed_tokens.specs("model.embed_tokens.weight") if self.is_first else []
+        for i, layer in zip(self.layer_ids, self.layers):
+            s += layer.specs(f"model.layers.{i}")
+        if self.is_last:
+            s += self.norm.specs("model.norm.weight") + self.lm_head.specs(self.lm_head_name)
+        return s

@@ -1,0 +1,133 @@
+"""Checkpoints: read HF-named safetensors tensor by tensor (only this rank's slices),
+initialise presets from a seed, and save in the HF layout that transformers loads.
+
+    report = load_checkpoint(model, "/path/to/ckpt")   # report.bytes_read
+    init_random(model, seed=0)                          # same weights under every layout
+    save_checkpoint(model, "/path/out")                 # config.json + model.safetensors
+
+Missing, unexpected or mis-shaped tensors raise ``CheckpointError`` listing every name
+with its expected and found shape. Never unpickles anything.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .weights_spec import TensorSpec
+
+INDEX = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+@dataclass
+class LoadReport:
+    bytes_read: int
+    tensors_read: int
+
+
+def checkpoint_files(path: str | Path) -> dict[str, Path]:
+    """Tensor name -> file, from the index when sharded, else from the single file."""
+    path = Path(path)
+    if (path / INDEX).exists():
+        with open(path / INDEX) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: path / fn for name, fn in weight_map.items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors files in {path} (pickled .bin checkpoints are not read; "
+                              "convert them with transformers' save_pretrained(safe_serialization=True))")
+    out = {}
+    for fn in files:
+        with safe_open(fn, "pt") as f:
+            out.update({k: fn for k in f.keys()})
+    return out
+
+
+def full_model_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name and full shape of the whole model (built on the meta device)."""
+    from .model import MoEModel
+
+    with torch.device("meta"):
+        full = MoEModel(cfg)
+    return {s.name: s.shape for s in full.specs()}
+
+
+def load_checkpoint(model, path: str | Path) -> LoadReport:
+    files = checkpoint_files(path)
+    expected = full_model_shapes(model.cfg)
+    problems = []
+    ignorable = {"lm_head.weight"} if model.cfg.tie_word_embeddings else set()
+    unexpected = sorted(n for n in files if n not in expected and n not in ignorable
+                        and not n.endswith("rotary_emb.inv_freq"))
+    if unexpected:
+        problems.append(f"unexpected tensors ({len(unexpected)}): " + ", ".join(unexpected[:20])
+                        + (" ..." if len(unexpected) > 20 else ""))
+    missing = sorted(n for n in expected if n not in files)
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): " + ", ".join(
+            f"{n} {list(expected[n])}" for n in missing[:20]) + (" ..." if len(missing) > 20 else ""))
+    specs = model.specs()
+    handles: dict[Path, object] = {}
+    bytes_read = 0
+    misshaped = []
+    try:
+        for spec in specs:
+            if spec.name not in files:
+                continue
+            fn = files[spec.name]
+            if fn not in handles:
+                handles[fn] = safe_open(fn, "pt", device="cpu")
+            sl = handles[fn].get_slice(spec.name)
+            shape = tuple(sl.get_shape())
+            if shape != tuple(spec.shape):
+                misshaped.append(f"{spec.name}: expected {list(spec.shape)}, found {list(shape)}")
+                continue
+            t = sl[spec.index] if spec.index else sl[:]
+            spec.dest.data.copy_(t.to(spec.dest.dtype))
+            bytes_read += t.numel() * t.element_size()
+    finally:
+        handles.clear()
+    if misshaped:
+        problems.append(f"mis-shaped tensors ({len(misshaped)}): " + "; ".join(misshaped[:20]))
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not match model_type {model.cfg.model_type!r} "
+                              f"as its config.json describes it:\n  " + "\n  ".join(problems))
+    return LoadReport(bytes_read, len(specs))
+
+
+def _seed_for(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def init_random(model, seed: int = 0, std: float = 0.02) -> None:
+    """Fill every tensor from a generator seeded by (seed, tensor name): a rank computes
+    the full tensor and keeps its slice, so every layout holds the same model."""
+    for spec in model.specs():
+        if spec.name.endswith("norm.weight"):
+            spec.dest.data.fill_(1.0)
+            continue
+        g = torch.Generator().manual_seed(_seed_for(seed, spec.name))
+        full = torch.randn(spec.shape, generator=g) * std
+        spec.dest.data.copy_((full[spec.index] if spec.index else full).to(spec.dest.dtype))
+
+
+def save_checkpoint(model, path: str | Path) -> None:
+    """Write config.json and model.safetensors (HF names, per-expert layout)."""
+    if not (model.is_first and model.is_last) or model.comm.tp_size * model.comm.ep_size != 1:
+        raise ValueError("save_checkpoint needs the whole model in one process")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {s.name: s.dest.detach().to("cpu").contiguous().clone() for s in model.specs()}
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with open(path / "config.json", "w") as f:
+        json.dump(model.cfg.to_hf(), f, indent=2)

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints of each MoE family, built with
+transformers and saved with save_pretrained, so moerun is always checked against the
+reference implementation on the same weights."""
+from __future__ import annotations
+
+import os
+
+# The Triton interpreter must be chosen before triton is first imported.
+if os.environ.get("CUDA_VISIBLE_DEVICES", None) != "" and not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+COMMON = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=160, max_position_embeddings=512)
+
+# Each family with the options that make it differ from the others.
+FAMILIES = {
+    "olmoe": dict(num_experts=8, num_experts_per_tok=2, intermediate_size=48, clip_qkv=8.0,
+                  norm_topk_prob=False, rope_theta=5000.0),
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=48, sliding_window=6),
+    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32, intermediate_size=80,
+                      shared_expert_intermediate_size=40, mlp_only_layers=[1], norm_topk_prob=False,
+                      qkv_bias=True, tie_word_embeddings=True),
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=80,
+                      head_dim=24, norm_topk_prob=True, attention_bias=True, decoder_sparse_step=1),
+}
+
+
+def make_hf_model(family: str, seed: int = 0, **overrides):
+    import transformers
+
+    cls = {"olmoe": transformers.OlmoeConfig, "mixtral": transformers.MixtralConfig,
+           "qwen2_moe": transformers.Qwen2MoeConfig, "qwen3_moe": transformers.Qwen3MoeConfig}[family]
+    kw = {**COMMON, **FAMILIES[family], **overrides}
+    kw.setdefault("eos_token_id", None)
+    cfg = cls(**kw)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # larger weights than the 0.02 default: peaked logits, no greedy near-ties
+        for name, p in model.named_parameters():
+            if p.dim() > 1 or "bias" in name:
+                p.normal_(0, 0.15)
+            else:
+                p.normal_(1.0, 0.2)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """family -> (directory, transformers model) built once per session."""
+    made = {}
+
+    def get(family: str):
+        if family not in made:
+            d = tmp_path_factory.mktemp(f"hf_{family}")
+            model = make_hf_model(family)
+            model.save_pretrained(d)
+            made[family] = (d, model)
+        return made[family]
+    return get
