@@ -3,13 +3,11 @@
     torchrun --nproc_per_node=8 -m moerun.generate --tp 2 --pp 2 --ep 4 --dp 2 \
         --prompt-ids 1,2,3 --prompt-ids 4,5 --json
 
-Prompts are dealt round-robin to the DP replicas. Every rank mirrors its replica's
-state (which sequences are active, their lengths), so each knows the shape of every
-message without asking. A global step runs each stage once: stage 0 embeds, stages
-pass hidden states point to point, the last stage samples and broadcasts the tokens
-over the replica's gloo group. Replicas step in lockstep, with zero tokens when idle,
-because the MoE all-to-alls of a stage span the DP replicas. (The engine's
-micro-batch schedule replaces this sequential loop.)
+``Runtime`` is a rank's share of a layout: its mesh and its stage of the model, built
+after the layout is validated. Rank 0 reads the prompts and runs the ``Engine`` (the
+scheduler of every DP replica and the micro-batch pipeline schedule); every other rank
+follows the leader's ticks in ``serve_worker``. ``dist_prefill_logits`` runs one
+prefill through the layout and returns float32 logits on rank 0 (for equivalence tests).
 """
 from __future__ import annotations
 
@@ -23,11 +21,11 @@ import torch
 import torch.distributed as dist
 
 from .config import ModelConfig
+from .engine import Engine, serve_worker
 from .mesh import DistComm, Mesh
 from .model import AttnMeta
 from .parallel import ParallelConfig
-from .runner import build_model, new_cache, resolve_dtype
-from .sampling import SamplingParams, make_generator, sample
+from .runner import build_model, prefill_meta, resolve_dtype
 
 log = logging.getLogger("moerun")
 
@@ -76,76 +74,22 @@ class Runtime:
 
 
 @torch.inference_mode()
-def dist_generate(rt: Runtime, prompts: list[list[int]], params: list[SamplingParams]) -> dict[int, list[int]]:
-    """Generate for this replica's prompts; returns {prompt index: output ids} (same on
-    every rank of the replica)."""
-    mesh, cfg, dev = rt.mesh, rt.cfg, rt.mesh.device
-    mine = rt.replica_prompts(len(prompts))
-    eos = set(cfg.eos_token_ids)
-    max_len = max([len(prompts[i]) + params[i].max_new_tokens for i in mine], default=1)
-    cache = new_cache(rt.model, max(len(mine), 1), max_len)
-    is_sampler = mesh.rank == rt.sampler_rank()
-    gens = {i: make_generator(params[i], i) for i in mine} if is_sampler else {}
-    outputs = {i: [] for i in mine}
-    slot = {i: j for j, i in enumerate(mine)}
-    starts = {i: 0 for i in mine}
-    feed = {i: list(prompts[i]) for i in mine}
-    active = list(mine)
-    kill = _fault_injection(mesh.rank)
-    step = 0
-    while True:
-        step += 1
-        if step == kill:
-            os._exit(3)  # a test simulates a crashed rank
-        flag = torch.tensor([len(active)], dtype=torch.int64)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.ctrl)
-        if flag.item() == 0:
-            break
-        lens = [len(feed[i]) for i in active]
-        meta = AttnMeta.build([slot[i] for i in active], [starts[i] for i in active], lens, dev)
-        tokens = torch.tensor([t for i in active for t in feed[i]], dtype=torch.long)
-        last = (torch.cumsum(torch.tensor(lens, dtype=torch.long), 0) - 1).to(dev)
-        logits = rt.stage_forward(tokens, meta, cache, logits_rows=last)
-        new = torch.zeros(len(active), dtype=torch.long)
-        if is_sampler and active:
-            new = torch.tensor(sample(logits, [params[i] for i in active], [gens[i] for i in active]))
-        if active:
-            dist.broadcast(new, src=rt.sampler_rank(), group=mesh.replica)
-        still = []
-        for i, tok in zip(active, new.tolist()):
-            outputs[i].append(tok)
-            starts[i] += len(feed[i])
-            feed[i] = [tok]
-            sp = params[i]
-            if not (tok in sp.stop_token_ids or (not sp.ignore_eos and tok in eos)) \
-                    and len(outputs[i]) < sp.max_new_tokens:
-                still.append(i)
-        active = still
-    return outputs
-
-
-def _fault_injection(rank: int) -> int | None:
-    """``MOERUN_TEST_KILL=rank:step`` makes that rank die abruptly at that step (tests)."""
-    spec = os.environ.get("MOERUN_TEST_KILL")
-    if not spec:
-        return None
-    r, step = (int(v) for v in spec.split(":"))
-    return step if r == rank else None
-
-
-@torch.inference_mode()
 def dist_prefill_logits(rt: Runtime, prompts: list[list[int]]) -> dict[int, torch.Tensor] | None:
     """Float32 logits of every prompt position (one prefill step); the dict reaches rank 0."""
     mine = rt.replica_prompts(len(prompts))
     lens = [len(prompts[i]) for i in mine]
-    meta = AttnMeta.build(list(range(len(mine))), [0] * len(mine), lens, rt.mesh.device)
-    cache = new_cache(rt.model, max(len(mine), 1), max(lens, default=1))
+    meta, cache = prefill_meta(rt.model, [prompts[i] for i in mine])
     tokens = torch.tensor([t for i in mine for t in prompts[i]], dtype=torch.long)
     logits = rt.stage_forward(tokens, meta, cache)
     part = {}
     if rt.mesh.rank == rt.sampler_rank() and mine:
         part = dict(zip(mine, logits.float().cpu().split(lens)))
     return gather_to_rank0(rt.mesh, part)
+
+
+def gather_traces(mesh: Mesh, trace: list) -> dict[int, list] | None:
+    """Every rank's schedule trace, on rank 0, keyed by rank."""
+    return gather_to_rank0(mesh, {mesh.rank: trace})
 
 
 def gather_to_rank0(mesh: Mesh, part: dict):
@@ -162,7 +106,7 @@ def gather_to_rank0(mesh: Mesh, part: dict):
 def main(args) -> int:
     """``moerun generate`` under torchrun (args parsed by moerun.generate)."""
     from . import kernels
-    from .generate import read_prompts, results_json, sampling_for
+    from .generate import engine_config, print_stats, read_prompts, results_json, sampling_for
     from .tokenizer import load_tokenizer
 
     rank = int(os.environ.get("RANK", "0"))
@@ -193,28 +137,36 @@ def main(args) -> int:
             raise ValueError(f"prompt(s) {bad} are empty or have token ids outside the vocabulary "
                              f"(0..{cfg.vocab_size - 1})")
         params = [sampling_for(args, m) for _, m in prompts]
-        t0 = time.perf_counter()
-        outs = dist_generate(rt, [p for p, _ in prompts], params)
-        part = outs if rt.mesh.coord.pp == 0 and rt.mesh.coord.tp == 0 else {}
-        merged = gather_to_rank0(rt.mesh, part)
+        ecfg = engine_config(args)
         if rank == 0:
+            engine = Engine(rt.model, ecfg, rt.mesh)
+            t0 = time.perf_counter()
+            outputs = engine.generate([p for p, _ in prompts], params)
             dt = time.perf_counter() - t0
-            outputs = [merged[i] for i in range(len(prompts))]
+            engine.shutdown()
+            traces = gather_traces(rt.mesh, engine.worker.trace)
             n = sum(map(len, outputs))
             log.info("generated %d tokens for %d prompt(s) in %.2fs (%.1f tokens/s, measured, %s, %s)",
                      n, len(prompts), dt, n / dt if dt else 0.0, par, rt.mesh.device.type)
+            if args.stats:
+                print_stats(engine, traces, dt, n)
             import json
             if args.json:
                 print(json.dumps(results_json(prompts, outputs, tok)), flush=True)
             else:
                 for o in outputs:
                     print(tok.decode(o) if tok else " ".join(map(str, o)), flush=True)
+        else:
+            worker = serve_worker(rt, ecfg)
+            gather_traces(rt.mesh, worker.trace)
         dist.barrier(group=rt.mesh.ctrl)
         dist.destroy_process_group()
         return 0
     except ValueError as e:  # bad layout or request: the same message on every rank
         if rank == 0:
             print(f"moerun generate: error: {e}", file=sys.stderr, flush=True)
+        else:  # let rank 0 print before torchrun tears the group down on the first exit
+            time.sleep(2)
         os._exit(2)
     except Exception as e:  # a peer died or a collective timed out: exit, never hang
         print(f"moerun generate: rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)

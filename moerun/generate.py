@@ -19,7 +19,8 @@ import time
 import torch
 
 from .config import ModelConfig
-from .runner import build_model, default_device, generate_batch, resolve_dtype
+from .engine import Engine
+from .runner import build_model, default_device, resolve_dtype
 from .sampling import SamplingParams
 from .tokenizer import load_tokenizer
 
@@ -55,7 +56,45 @@ def parser() -> argparse.ArgumentParser:
         lay.add_argument(f"--{axis}", type=int, default=1, help=f"{what}-parallel degree")
     lay.add_argument("--timeout", type=float, default=180.0,
                      help="seconds a collective may wait before a dead peer becomes an error")
+    eng = ap.add_argument_group("engine")
+    eng.add_argument("--max-batch-tokens", type=int, default=2048,
+                     help="tokens one micro-batch step may compute (prefill chunks + decodes)")
+    eng.add_argument("--kv-cache-gb", type=float, default=None,
+                     help="KV cache per rank (default: 256 MiB on CPU, 90%% of free GPU memory)")
+    eng.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    eng.add_argument("--micro-batches", type=int, default=None, help="micro-batches per replica (default: pp)")
+    eng.add_argument("--stats", action="store_true", help="print steps, tokens/s, per-stage busy/wait, KV use")
     return ap
+
+
+def engine_config(args):
+    from .engine import EngineConfig
+
+    if args.max_batch_tokens < 1 or args.block_size < 1:
+        raise ValueError("--max-batch-tokens and --block-size must be >= 1")
+    return EngineConfig(max_batch_tokens=args.max_batch_tokens, kv_cache_gb=args.kv_cache_gb,
+                        block_size=args.block_size, micro_batches=args.micro_batches)
+
+
+def print_stats(engine, traces: dict[int, list], seconds: float, tokens: int) -> None:
+    """Per-stage compute and wait time from every rank's schedule trace (stderr)."""
+    err = sys.stderr
+    print(f"[stats] ticks {engine.tick}, generated tokens {tokens}, {seconds:.2f}s, "
+          f"{tokens / seconds if seconds else 0:.1f} tokens/s (measured)", file=err)
+    print(f"[stats] KV cache: {engine.num_blocks} blocks x {engine.cfg.block_size} tokens per replica, "
+          f"peak use {engine.peak_blocks_used} blocks ({100 * engine.peak_blocks_used / engine.num_blocks:.1f}%)",
+          file=err)
+    by_stage: dict[int, list] = {}
+    for trace in traces.values():
+        for tick, stage, mb, ntok, busy, wait in trace:
+            by_stage.setdefault(stage, []).append((mb, busy, wait))
+    ranks_per_stage = max(1, len(traces) // max(len(by_stage), 1))
+    for stage, rows in sorted(by_stage.items()):
+        busy = sum(r[1] for r in rows) / ranks_per_stage
+        wait = sum(r[2] for r in rows) / ranks_per_stage
+        idle = sum(1 for r in rows if r[0] is None) // ranks_per_stage
+        print(f"[stats] stage {stage}: compute {busy:.3f}s, waiting for input {wait:.3f}s, "
+              f"idle ticks {idle} of {len(rows) // ranks_per_stage} (per rank, averaged)", file=err)
 
 
 def read_prompts(args, tok) -> list[tuple[list[int], int | None]]:
@@ -126,12 +165,15 @@ def _run_local(args) -> int:
     model = build_model(args.model, dtype=dtype, device=device, seed=args.seed, cfg=cfg)
     log.info("loaded %s (%s, %.1fM params) on %s/%s in %.1fs", args.model, cfg.model_type,
              cfg.num_params() / 1e6, device, str(dtype).replace("torch.", ""), time.perf_counter() - t0)
+    engine = Engine(model, engine_config(args))
     t0 = time.perf_counter()
-    outputs = generate_batch(model, [p for p, _ in prompts], [sampling_for(args, m) for _, m in prompts])
+    outputs = engine.generate([p for p, _ in prompts], [sampling_for(args, m) for _, m in prompts])
     dt = time.perf_counter() - t0
     n = sum(len(o) for o in outputs)
     log.info("generated %d tokens for %d prompt(s) in %.2fs (%.1f tokens/s, measured on %s)",
              n, len(prompts), dt, n / dt if dt else 0.0, device)
+    if args.stats:
+        print_stats(engine, {0: engine.worker.trace}, dt, n)
     if args.json:
         print(json.dumps(results_json(prompts, outputs, tok)))
     else:

@@ -1,8 +1,12 @@
-"""A contiguous per-slot KV cache for the layers and KV heads this rank holds.
+"""The paged KV cache of one rank: fixed-size blocks for the rank's layers and KV heads.
 
-One tensor per layer and per K/V: ``[num_slots, max_len, kv_heads, head_dim]``. A
-sequence owns a slot for its lifetime; its token at position p lives at ``[slot, p]``.
-Simple and exact; the engine's paged cache replaces it.
+Per layer, K and V are ``[num_blocks, block_size, kv_heads, head_dim]``. A sequence owns
+a list of blocks (its block table, kept by the scheduler); its token at position p lives
+in block ``table[p // block_size]`` at row ``p % block_size``. ``AttnMeta`` turns block
+tables into flat slot indices, so attention writes and reads through them.
+
+    cache = KVCache.for_model(model, num_blocks=1024, block_size=16)
+    KVCache.blocks_for_budget(model, budget_bytes, block_size)   # how many fit
 """
 from __future__ import annotations
 
@@ -10,21 +14,35 @@ import torch
 
 
 class KVCache:
-    def __init__(self, num_layers: int, num_slots: int, max_len: int, kv_heads: int, head_dim: int,
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype=torch.float32, device="cpu"):
-        shape = (num_slots, max_len, kv_heads, head_dim)
+        shape = (num_blocks, block_size, kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.num_slots, self.max_len = num_slots, max_len
+        self.num_blocks, self.block_size = num_blocks, block_size
 
-    def write(self, layer: int, slot_T: torch.Tensor, pos_T: torch.Tensor,
-              k_TND: torch.Tensor, v_TND: torch.Tensor) -> None:
-        self.k[layer][slot_T, pos_T] = k_TND
-        self.v[layer][slot_T, pos_T] = v_TND
+    @staticmethod
+    def block_bytes(model, block_size: int) -> int:
+        attn = model.layers[0].self_attn if len(model.layers) else None
+        kv = attn.num_kv_heads if attn else 0
+        p = next(model.parameters())
+        return 2 * len(model.layers) * block_size * kv * model.cfg.head_dim * p.element_size()
 
-    def read(self, layer: int, slots_B: torch.Tensor, length: int):
-        """K and V of the given slots, positions [0, length): [B, L, N, D] each."""
-        return self.k[layer][slots_B, :length], self.v[layer][slots_B, :length]
+    @staticmethod
+    def for_model(model, num_blocks: int, block_size: int) -> "KVCache":
+        attn = model.layers[0].self_attn if len(model.layers) else None
+        p = next(model.parameters())
+        return KVCache(len(model.layers), num_blocks, block_size, attn.num_kv_heads if attn else 0,
+                       model.cfg.head_dim, p.dtype, p.device)
+
+    def write(self, layer: int, slot_T: torch.Tensor, k_TND: torch.Tensor, v_TND: torch.Tensor) -> None:
+        self.k[layer].view(-1, *k_TND.shape[1:])[slot_T] = k_TND
+        self.v[layer].view(-1, *v_TND.shape[1:])[slot_T] = v_TND
+
+    def read(self, layer: int, index_BL: torch.Tensor):
+        """K and V at the flat slots ``index_BL``: [B, L, N, D] each."""
+        k, v = self.k[layer], self.v[layer]
+        return k.view(-1, *k.shape[2:])[index_BL], v.view(-1, *v.shape[2:])[index_BL]
 
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

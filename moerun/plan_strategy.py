@@ -28,7 +28,7 @@ class Workload:
     output_len: int = 256  # tokens generated per request (decode)
     dtype: str = "bf16"  # weights, activations and KV cache
     micro_batches: int = 0  # pipeline micro-batches per replica; 0 = pp
-    note: str = "assumed by moerun (the design note states no workload)"
+    note: str = "assumed by moerun; the design note states no workload"
 
     def __post_init__(self):
         bad = [f"{k} = {getattr(self, k)} must be >= 1" for k in

@@ -75,6 +75,8 @@ def _coerce(value, hint, where: str):
         if not isinstance(value, list):
             raise ValueError(f"{where} must be a list, got {value!r}")
         return tuple(_coerce(v, args[0], where) for v in value)
+    if dataclasses.is_dataclass(hint) and isinstance(value, hint):  # an already-built sub-table
+        return value
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint in (int, str, bool) and type(value) is hint:

@@ -1,11 +1,9 @@
-"""Build a (stage of a) model on a device and run batched generation with a KV cache.
+"""Build a (stage of a) model on a device; one-process generation and prefill logits.
 
     model = build_model("tiny")                       # preset: random weights from --seed
     model = build_model("/ckpt", dtype=torch.bfloat16, device="cuda")
     outs = generate_batch(model, [[1, 2, 3]], SamplingParams(max_new_tokens=8))
-
-This is the single-process path; distributed layouts and the engine reuse
-``build_model`` and ``AttnMeta``.
+    logits = forward_logits(model, [[1, 2, 3]])   # one prefill, every position
 """
 from __future__ import annotations
 
@@ -17,7 +15,7 @@ from .comm import Comm
 from .config import ModelConfig
 from .kvcache import KVCache
 from .model import AttnMeta, MoEModel
-from .sampling import SamplingParams, make_generator, sample
+from .sampling import SamplingParams
 from .weights import init_random, load_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -49,50 +47,30 @@ def build_model(model: str, *, comm: Comm | None = None, layers: range | None = 
     return m.eval()
 
 
-def new_cache(model: MoEModel, num_slots: int, max_len: int) -> KVCache:
-    attn = model.layers[0].self_attn if len(model.layers) else None
-    p = next(model.parameters())
-    return KVCache(len(model.layers), num_slots, max_len, attn.num_kv_heads if attn else 0,
-                   model.cfg.head_dim, p.dtype, p.device)
+def prefill_meta(model: MoEModel, prompts: list[list[int]], block_size: int = 16):
+    """AttnMeta and a fresh KV cache for one prefill of ``prompts`` (blocks in order)."""
+    tables, n = [], 0
+    for p in prompts:
+        k = -(-len(p) // block_size)
+        tables.append(list(range(n, n + k)))
+        n += k
+    device = next(model.parameters()).device
+    meta = AttnMeta.build(tables, [0] * len(prompts), [len(p) for p in prompts], block_size, device)
+    return meta, KVCache.for_model(model, max(n, 1), block_size)
 
 
 @torch.inference_mode()
-def generate_batch(model: MoEModel, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                   eos_token_ids: tuple[int, ...] | None = None) -> list[list[int]]:
-    """Greedy or sampled generation for a batch of prompts in one process."""
-    if not prompts:
-        return []
-    params = params if isinstance(params, list) else [params] * len(prompts)
-    cfg = model.cfg
-    eos = set(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
-    for i, p in enumerate(prompts):
-        if not p:
-            raise ValueError(f"prompt {i} is empty: a prompt needs at least one token")
-        bad = [t for t in p if not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} has token ids {bad[:5]} outside the vocabulary (0..{cfg.vocab_size - 1})")
+def forward_logits(model: MoEModel, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """Float32 logits [len(p), V] of every position of every prompt, one forward (one process)."""
+    meta, cache = prefill_meta(model, prompts)
     device = next(model.parameters()).device
-    max_len = max(len(p) + sp.max_new_tokens for p, sp in zip(prompts, params))
-    cache = new_cache(model, len(prompts), max_len)
-    gens = [make_generator(sp, i) for i, sp in enumerate(params)]
-    outputs = [[] for _ in prompts]
-    active = list(range(len(prompts)))
-    starts, lens = [0] * len(prompts), [len(p) for p in prompts]
-    feed = [list(p) for p in prompts]
-    while active:
-        meta = AttnMeta.build(active, [starts[i] for i in active], [lens[i] for i in active], device)
-        tokens = torch.tensor([t for i in active for t in feed[i]], device=device)
-        last = torch.cumsum(torch.tensor([lens[i] for i in active], device=device), 0) - 1
-        logits = model(tokens, meta.pos_T, meta, cache, logits_rows=last)
-        new = sample(logits, [params[i] for i in active], [gens[i] for i in active])
-        still = []
-        for i, tok in zip(active, new):
-            outputs[i].append(tok)
-            starts[i] += lens[i]
-            lens[i], feed[i] = 1, [tok]
-            sp = params[i]
-            stop = tok in sp.stop_token_ids or (not sp.ignore_eos and tok in eos)
-            if not stop and len(outputs[i]) < sp.max_new_tokens:
-                still.append(i)
-        active = still
-    return outputs
+    logits = model(torch.tensor(sum(prompts, []), device=device), meta.pos_T, meta, cache)
+    return list(logits.split([len(p) for p in prompts]))
+
+
+def generate_batch(model: MoEModel, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                   engine_cfg=None) -> list[list[int]]:
+    """Generate for a batch of prompts in one process, through the engine."""
+    from .engine import Engine, EngineConfig
+
+    return Engine(model, engine_cfg or EngineConfig()).generate(prompts, params)

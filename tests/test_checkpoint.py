@@ -10,15 +10,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moerun.config import ModelConfig
-from moerun.model import AttnMeta
-from moerun.runner import build_model, new_cache
+from moerun.runner import build_model, forward_logits
 from moerun.weights import CheckpointError, full_model_shapes, save_checkpoint
 
 
 def logits_of(model, ids):
-    meta = AttnMeta.build([0], [0], [len(ids)], "cpu")
-    with torch.no_grad():
-        return model(torch.tensor(ids), meta.pos_T, meta, new_cache(model, 1, len(ids)))
+    return forward_logits(model, [ids])[0]
 
 
 def small_preset(**kw) -> ModelConfig:

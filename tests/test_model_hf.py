@@ -5,7 +5,8 @@ import torch
 import pytest
 
 from moerun.model import AttnMeta
-from moerun.runner import build_model, generate_batch, new_cache
+from moerun.kvcache import KVCache
+from moerun.runner import build_model, forward_logits, generate_batch
 from moerun.sampling import SamplingParams
 
 FAMILY_NAMES = ["olmoe", "mixtral", "qwen2_moe", "qwen3_moe"]
@@ -22,11 +23,9 @@ def test_logits_match_transformers(family, hf_checkpoint):
     model = build_model(str(path))
     gen = torch.Generator().manual_seed(torch.seed())
     prompts = random_prompts(4, model.cfg.vocab_size, gen)
-    meta = AttnMeta.build(list(range(len(prompts))), [0] * len(prompts), [len(p) for p in prompts], "cpu")
+    ours = forward_logits(model, prompts)
     with torch.no_grad():
-        ours = model(torch.tensor(sum(prompts, [])), meta.pos_T, meta, new_cache(model, len(prompts), 32))
         refs = [hf(torch.tensor([p])).logits[0] for p in prompts]
-    ours = ours.split([len(p) for p in prompts])
     for p, o, r in zip(prompts, ours, refs):
         assert (o - r).abs().max().item() <= 1e-4, f"prompt {p}"
 
@@ -45,18 +44,19 @@ def test_greedy_generation_matches_transformers(family, hf_checkpoint):
         assert o == ref, f"prompt {p}"
 
 
-def test_decode_with_cache_equals_full_forward(hf_checkpoint):
-    """Logits of the last token after step-by-step decode equal one full forward."""
+def test_paged_decode_equals_full_forward(hf_checkpoint):
+    """Chunked prefill then step-by-step decode through scattered blocks of a paged cache
+    gives the logits of one full forward."""
     path, _ = hf_checkpoint("mixtral")  # sliding window 6: the window must hold across steps
     model = build_model(str(path))
-    seq = torch.randint(0, model.cfg.vocab_size, (12,)).tolist()
+    seq = torch.randint(0, model.cfg.vocab_size, (13,)).tolist()
+    full = forward_logits(model, [seq])[0]
+    cache = KVCache.for_model(model, num_blocks=8, block_size=4)
+    blocks = [6, 1, 4, 2]  # not in order, not from 0
+    steps, pos = [], 0
     with torch.no_grad():
-        meta = AttnMeta.build([0], [0], [12], "cpu")
-        full = model(torch.tensor(seq), meta.pos_T, meta, new_cache(model, 1, 16))
-        cache = new_cache(model, 1, 16)
-        meta = AttnMeta.build([0], [0], [5], "cpu")
-        steps = [model(torch.tensor(seq[:5]), meta.pos_T, meta, cache)]
-        for i in range(5, 12):
-            meta = AttnMeta.build([0], [i], [1], "cpu")
-            steps.append(model(torch.tensor(seq[i:i + 1]), meta.pos_T, meta, cache))
+        for n in (5, 3, 1, 1, 1, 1, 1):
+            meta = AttnMeta.build([blocks], [pos], [n], 4, "cpu")
+            steps.append(model(torch.tensor(seq[pos:pos + n]), meta.pos_T, meta, cache))
+            pos += n
     assert (torch.cat(steps) - full).abs().max().item() <= 1e-4

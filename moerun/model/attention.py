@@ -23,9 +23,9 @@ from .layers import Linear, RMSNorm, apply_rope
 
 @dataclass
 class AttnMeta:
-    slots_B: torch.Tensor  # KV cache slot of each sequence
-    slot_T: torch.Tensor  # slot of each new token
+    slot_T: torch.Tensor  # flat KV cache slot each new token is written to
     pos_T: torch.Tensor  # position of each new token
+    kv_index_BL: torch.Tensor  # flat KV cache slots each sequence reads, positions [0, L)
     pad_index_T: torch.Tensor  # where each token sits in the flat [B * Nq] query block
     starts: list[int]
     lens: list[int]
@@ -34,21 +34,32 @@ class AttnMeta:
     _masks: dict = field(default_factory=dict)
 
     @staticmethod
-    def build(slots: list[int], starts: list[int], lens: list[int], device) -> "AttnMeta":
-        max_new = max(lens) if lens else 0
-        slot_T, pos_T, pad_T = [], [], []
-        for b, (slot, s, n) in enumerate(zip(slots, starts, lens)):
-            slot_T += [slot] * n
-            pos_T += range(s, s + n)
-            pad_T += range(b * max_new, b * max_new + n)
-        t = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
-        return AttnMeta(t(slots), t(slot_T), t(pos_T), t(pad_T), list(starts), list(lens), max_new,
-                        max((s + n for s, n in zip(starts, lens)), default=0))
+    def build(block_tables: list[list[int]], starts: list[int], lens: list[int], block_size: int,
+              device) -> "AttnMeta":
+        """New tokens ``[start, start + len)`` of each sequence; its KV lives in the blocks
+        of its block table."""
+        B = len(lens)
+        max_new = max(lens, default=0)
+        max_len = max((s + n for s, n in zip(starts, lens)), default=0)
+        nblk = max((len(t) for t in block_tables), default=0)
+        table = torch.zeros(B, max(nblk, 1), dtype=torch.long)
+        for b, t in enumerate(block_tables):
+            table[b, : len(t)] = torch.tensor(t, dtype=torch.long)
+        pos = torch.arange(max_len)
+        kv_index = table[:, pos // block_size] * block_size + pos % block_size  # [B, L]
+        pos_T = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)]) if B else \
+            torch.zeros(0, dtype=torch.long)
+        seq_T = torch.repeat_interleave(torch.arange(B), torch.tensor(lens, dtype=torch.long))
+        slot_T = kv_index[seq_T, pos_T] if B else pos_T
+        pad_T = seq_T * max_new + (pos_T - torch.tensor(starts, dtype=torch.long)[seq_T] if B else pos_T)
+        dev = lambda t: t.to(device)  # noqa: E731
+        return AttnMeta(dev(slot_T), dev(pos_T), dev(kv_index), dev(pad_T), list(starts), list(lens),
+                        max_new, max_len)
 
     def mask(self, window: int) -> torch.Tensor:
         """[B, 1, Nq, L] bool, True = may attend: causal, within the sequence, in the window."""
         if window not in self._masks:
-            dev = self.slots_B.device
+            dev = self.pos_T.device
             starts = torch.tensor(self.starts, device=dev)[:, None, None]
             lens = torch.tensor(self.lens, device=dev)[:, None, None]
             j = torch.arange(self.max_new, device=dev)[None, :, None]
@@ -101,6 +112,8 @@ class Attention(nn.Module):
     def forward(self, x_TH, cos_TD, sin_TD, meta: AttnMeta, cache, layer: int) -> torch.Tensor:
         """Returns this rank's partial output [T, H]; the caller sums it over TP."""
         cfg, T, D = self.cfg, x_TH.shape[0], self.cfg.head_dim
+        if T == 0:  # an idle DP replica still runs the layer for the MoE all-to-alls
+            return x_TH.new_zeros(0, cfg.hidden_size)
         q, k, v = self.q_proj(x_TH), self.k_proj(x_TH), self.v_proj(x_TH)
         if cfg.qk_norm == "full":
             q = self.q_norm(q, self._full_norm_stats(1, cfg.num_heads * D))
@@ -113,8 +126,8 @@ class Attention(nn.Module):
         if cfg.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos_TD, sin_TD), apply_rope(k, cos_TD, sin_TD)
-        cache.write(layer, meta.slot_T, meta.pos_T, k, v)
-        k_BLND, v_BLND = cache.read(layer, meta.slots_B, meta.max_len)
+        cache.write(layer, meta.slot_T, k, v)
+        k_BLND, v_BLND = cache.read(layer, meta.kv_index_BL)
         B = len(meta.lens)
         q_pad = q.new_zeros(B * meta.max_new, self.num_heads, D)
         q_pad[meta.pad_index_T] = q

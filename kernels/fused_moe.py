@@ -1,0 +1,271 @@
+"""Fused MoE experts: grouped gate-up GEMM with SwiGLU, grouped down GEMM with the routing
+weight, then the sum over the top-k choices.
+
+    out_TH = fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK)
+    # expert parallel: this rank holds experts [start, start + E_local)
+    out_TH = fused_moe(x_TH, w13_local, w2_local, weights_TK, ids_TK,
+                       expert_start=start, num_local_experts=E_local)
+
+For each token t and choice k with e = ids[t, k] (kept only if e is a local expert):
+    out[t] += weights[t, k] * w2[e] @ (silu(gate[e] @ x[t]) * (up[e] @ x[t]))
+where w13[e] = [gate (F rows); up (F rows)] (HF gate_proj / Mixtral w1, then up_proj / w3)
+and w2[e] = down_proj. A token with no local choice gets zeros.
+
+Numerics: products accumulate in float32; the SwiGLU activation is stored in x's dtype (as a
+bf16 model would); each slot's weighted output is kept in float32 and the top-k sum is
+float32, cast to x's dtype at the end. float32 GEMMs use IEEE fp32 (no TF32).
+Pointer offsets are int64 wherever a row index multiplies a stride.
+
+Triton path: moe_align groups the slots by expert (padding never reaches the output: rows
+with the sentinel slot are masked), then three kernels: _gemm1_swiglu -> inter_SF,
+_gemm2_weighted -> y_SH, _topk_sum -> out_TH. Tiles come from moe_config.
+
+Shape legend: T = tokens, K = top-k, S = T*K slots, E = local experts, H = hidden,
+F = expert FFN width, M/N/Kb = tile rows / columns / reduction.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import moe_config
+from ._common import INTERPRETED, alloc, check_2d, check_float, check_index, jit, resolve_impl
+from ._common import pre_round_bf16, round_bf16_by_hand, tl, triton
+from .align import moe_align
+
+
+def _expert_loop(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start, compute_dtype):
+    """Group the token-slots by expert (one sort), run each local expert's SwiGLU FFN on
+    its contiguous rows, and add the weighted rows back to their tokens in one pass."""
+    T, H = x_TH.shape
+    E, F = w13_EFH.shape[0], w13_EFH.shape[1] // 2
+    K = ids_TK.shape[1]
+    local_S = ids_TK.reshape(-1).long() - expert_start  # slot s = t * K + k
+    keep_S = (local_S >= 0) & (local_S < E)
+    slots_N = torch.nonzero(keep_S, as_tuple=True)[0]
+    order = torch.argsort(local_S[slots_N], stable=True)
+    slots_N = slots_N[order]  # slots grouped by expert
+    counts = torch.bincount(local_S[slots_N], minlength=E).tolist() if slots_N.numel() else [0] * E
+    x_NH = x_TH[slots_N // K].to(compute_dtype)
+    y_NH = torch.empty((slots_N.numel(), H), dtype=torch.float32, device=x_TH.device)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = slice(start, start + n)
+        gate_up = torch.nn.functional.linear(x_NH[rows], w13_EFH[e].to(compute_dtype))
+        h_NF = (torch.nn.functional.silu(gate_up[:, :F]) * gate_up[:, F:]).to(x_TH.dtype).to(compute_dtype)
+        y_NH[rows] = torch.nn.functional.linear(h_NF, w2_EHF[e].to(compute_dtype)).float()
+        start += n
+    y_NH *= weights_TK.reshape(-1)[slots_N].float()[:, None]
+    out_TH = torch.zeros((T, H), dtype=torch.float32, device=x_TH.device)
+    out_TH.index_add_(0, slots_N // K, y_NH)
+    return out_TH.to(x_TH.dtype)
+
+
+def reference_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, *, expert_start=0):
+    """The readable definition: loop over local experts, matmuls in float32, the SwiGLU
+    activation rounded to x's dtype like the kernel stores it, float32 top-k sum."""
+    return _expert_loop(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start, torch.float32)
+
+
+def reference_moe_loop(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, *, expert_start=0):
+    """The plain per-expert PyTorch loop in x's dtype (the benchmark baseline)."""
+    return _expert_loop(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start, x_TH.dtype)
+
+
+@jit
+def _dot(a, b, acc, IEEE_F32: tl.constexpr):
+    # IEEE_F32: float32 inputs without TF32, and bf16 under the interpreter, whose bf16 dot
+    # is broken on CPU (triton 3.9); fp32 products of bf16 values are exact, so same result.
+    if IEEE_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@jit
+def _block_ids(num_blocks_m, num_blocks_n, GROUP_M: tl.constexpr):
+    # Grouped launch order: GROUP_M row blocks sweep all column blocks together (L2 reuse).
+    pid = tl.program_id(0)
+    per_group = GROUP_M * num_blocks_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(num_blocks_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_m, (pid % per_group) // group_m
+
+
+@jit
+def _gemm1_swiglu_kernel(x_ptr, w13_ptr, inter_ptr, sorted_ptr, block_expert_ptr,
+                         num_blocks_m, S, top_k, F, H,
+                         stride_xt, stride_xh, stride_we, stride_wn, stride_wh, stride_is,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         GROUP_M: tl.constexpr, IEEE_F32: tl.constexpr, ROUND_BF16: tl.constexpr):
+    pid_m, pid_n = _block_ids(num_blocks_m, tl.cdiv(F, BLOCK_N), GROUP_M)
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+    slot_M = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok_M = slot_M < S  # the sentinel slot S marks padding
+    tok_M = slot_M // top_k
+    n_N = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok_N = n_N < F
+    k_Kb = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + tok_M[:, None] * stride_xt + k_Kb[None, :] * stride_xh
+    gate_ptrs = (w13_ptr + expert * stride_we + n_N.to(tl.int64)[None, :] * stride_wn
+                 + k_Kb[:, None] * stride_wh)
+    up_ptrs = gate_ptrs + F * stride_wn
+    gate_MN = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    up_MN = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k_ok_Kb = k_Kb < H - k0
+        x_MK = tl.load(x_ptrs, mask=row_ok_M[:, None] & k_ok_Kb[None, :], other=0.0)
+        w_mask = k_ok_Kb[:, None] & n_ok_N[None, :]
+        gate_MN = _dot(x_MK, tl.load(gate_ptrs, mask=w_mask, other=0.0), gate_MN, IEEE_F32)
+        up_MN = _dot(x_MK, tl.load(up_ptrs, mask=w_mask, other=0.0), up_MN, IEEE_F32)
+        x_ptrs += BLOCK_K * stride_xh
+        gate_ptrs += BLOCK_K * stride_wh
+        up_ptrs += BLOCK_K * stride_wh
+    h_MN = gate_MN / (1.0 + tl.exp(-gate_MN)) * up_MN  # SwiGLU: silu(gate) * up
+    out_ptrs = inter_ptr + slot_M[:, None] * stride_is + n_N[None, :]
+    tl.store(out_ptrs, pre_round_bf16(h_MN, ROUND_BF16).to(inter_ptr.dtype.element_ty),
+             mask=row_ok_M[:, None] & n_ok_N[None, :])
+
+
+@jit
+def _gemm2_weighted_kernel(inter_ptr, w2_ptr, y_ptr, weights_ptr, sorted_ptr, block_expert_ptr,
+                           num_blocks_m, S, F, H,
+                           stride_is, stride_we, stride_wh, stride_wf, stride_ys,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           GROUP_M: tl.constexpr, IEEE_F32: tl.constexpr,
+                           ROUND_BF16: tl.constexpr):
+    pid_m, pid_n = _block_ids(num_blocks_m, tl.cdiv(H, BLOCK_N), GROUP_M)
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+    slot_M = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok_M = slot_M < S
+    n_N = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok_N = n_N < H
+    k_Kb = tl.arange(0, BLOCK_K)
+    a_ptrs = inter_ptr + slot_M[:, None] * stride_is + k_Kb[None, :]
+    b_ptrs = (w2_ptr + expert * stride_we + n_N.to(tl.int64)[None, :] * stride_wh
+              + k_Kb[:, None] * stride_wf)
+    acc_MN = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, F, BLOCK_K):
+        k_ok_Kb = k_Kb < F - k0
+        a_MK = tl.load(a_ptrs, mask=row_ok_M[:, None] & k_ok_Kb[None, :], other=0.0)
+        b_KN = tl.load(b_ptrs, mask=k_ok_Kb[:, None] & n_ok_N[None, :], other=0.0)
+        acc_MN = _dot(a_MK, b_KN, acc_MN, IEEE_F32)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_wf
+    w_M = tl.load(weights_ptr + slot_M, mask=row_ok_M, other=0.0).to(tl.float32)
+    tl.store(y_ptr + slot_M[:, None] * stride_ys + n_N[None, :], acc_MN * w_M[:, None],
+             mask=row_ok_M[:, None] & n_ok_N[None, :])
+
+
+@jit
+def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, T, H, top_k, expert_start, num_local,
+                     stride_ys, stride_ot, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                     ROUND_BF16: tl.constexpr):
+    t_T = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h_H = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    t_ok_T = t_T < T
+    h_ok_H = h_H < H
+    acc_TH = tl.zeros((BLOCK_T, BLOCK_H), tl.float32)
+    for j in range(0, top_k):
+        slot_T = t_T.to(tl.int64) * top_k + j
+        local_T = tl.load(ids_ptr + slot_T, mask=t_ok_T, other=-1).to(tl.int64) - expert_start
+        mine_T = t_ok_T & (local_T >= 0) & (local_T < num_local)  # rows of other ranks: unset
+        acc_TH += tl.load(y_ptr + slot_T[:, None] * stride_ys + h_H[None, :],
+                          mask=mine_T[:, None] & h_ok_H[None, :], other=0.0)
+    tl.store(out_ptr + t_T.to(tl.int64)[:, None] * stride_ot + h_H[None, :],
+             pre_round_bf16(acc_TH, ROUND_BF16).to(out_ptr.dtype.element_ty),
+             mask=t_ok_T[:, None] & h_ok_H[None, :])
+
+
+def _check(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start, num_local_experts):
+    check_2d("x_TH", x_TH, "[tokens, hidden]")
+    check_float("x_TH", x_TH)
+    check_2d("weights_TK", weights_TK, "[tokens, top_k] routing weights")
+    check_float("weights_TK", weights_TK)
+    check_2d("ids_TK", ids_TK, "[tokens, top_k] expert ids")
+    check_index("ids_TK", ids_TK)
+    T, H = x_TH.shape
+    if w13_EFH.dim() != 3 or w2_EHF.dim() != 3:
+        raise ValueError(f"w13 must be [E, 2F, H] and w2 [E, H, F]; got {tuple(w13_EFH.shape)} "
+                         f"and {tuple(w2_EHF.shape)}")
+    E, F2, H1 = w13_EFH.shape
+    if F2 % 2 or H1 != H or tuple(w2_EHF.shape) != (E, H, F2 // 2):
+        raise ValueError(
+            f"expert weights do not fit x [T={T}, H={H}]: need w13 [E, 2F, {H}] (gate rows then "
+            f"up rows) and w2 [E, {H}, F]; got w13 {tuple(w13_EFH.shape)}, "
+            f"w2 {tuple(w2_EHF.shape)}")
+    if w13_EFH.dtype != x_TH.dtype or w2_EHF.dtype != x_TH.dtype:
+        raise ValueError(f"x, w13, w2 must share one dtype; got {x_TH.dtype}, "
+                         f"{w13_EFH.dtype}, {w2_EHF.dtype}: cast the activations or weights")
+    if weights_TK.shape != ids_TK.shape or weights_TK.shape[0] != T:
+        raise ValueError(f"weights_TK {tuple(weights_TK.shape)} and ids_TK "
+                         f"{tuple(ids_TK.shape)} must both be [T={T}, K]")
+    devices = {t.device for t in (x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK)}
+    if len(devices) != 1:
+        raise ValueError(f"all fused_moe inputs must be on one device, got {devices}")
+    if num_local_experts is not None and num_local_experts != E:
+        raise ValueError(f"num_local_experts={num_local_experts} but w13/w2 hold {E} experts; "
+                         "pass only this rank's experts, stacked")
+    if expert_start < 0:
+        raise ValueError(f"expert_start={expert_start} must be >= 0")
+
+
+def fused_moe(x_TH: torch.Tensor, w13_EFH: torch.Tensor, w2_EHF: torch.Tensor,
+              weights_TK: torch.Tensor, ids_TK: torch.Tensor, *, expert_start: int = 0,
+              num_local_experts: int | None = None, impl: str | None = None,
+              config: moe_config.MoeTileConfig | None = None) -> torch.Tensor:
+    """out_TH (x's dtype) = sum over kept choices of weight * expert_e(x) (module docstring).
+
+    w13_EFH [E_local, 2F, H], w2_EHF [E_local, H, F]: the experts expert_start ...
+    expert_start + E_local - 1 (all experts when expert_start = 0 and E_local = E).
+    ids_TK hold GLOBAL expert ids; ids outside the local range contribute nothing.
+    config: tile override (the tuner uses it); None = moe_config.get_config.
+    """
+    _check(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start, num_local_experts)
+    if resolve_impl(impl, x_TH.device) == "torch":
+        return reference_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK,
+                                   expert_start=expert_start)
+    T, H = x_TH.shape
+    E, F = w13_EFH.shape[0], w13_EFH.shape[1] // 2
+    top_k = ids_TK.shape[1]
+    S = T * top_k
+    device = x_TH.device
+    out_TH = alloc((T, H), x_TH.dtype, device)
+    if T == 0:
+        return out_TH
+    cfg = config or moe_config.get_config(T, top_k, E, F, H, x_TH.dtype, device, INTERPRETED)
+    sorted_slots, block_expert, _ = moe_align(ids_TK, expert_start + E, cfg.BLOCK_M,
+                                              expert_start=expert_start, num_local_experts=E,
+                                              impl="triton")
+    num_blocks_m = block_expert.numel()
+    weights_S = weights_TK.reshape(-1)
+    if weights_S.dtype != torch.float32 or not weights_S.is_contiguous():
+        weights_S = weights_S.float().contiguous()
+    ids_S = ids_TK.reshape(-1).contiguous()
+    inter_SF = alloc((S, F), x_TH.dtype, device)
+    y_SH = alloc((S, H), torch.float32, device)
+    ieee = x_TH.dtype == torch.float32 or (INTERPRETED and x_TH.dtype == torch.bfloat16)
+    tiles = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+                 GROUP_M=cfg.GROUP_M, IEEE_F32=ieee, ROUND_BF16=round_bf16_by_hand(x_TH.dtype),
+                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    grid1 = (num_blocks_m * triton.cdiv(F, cfg.BLOCK_N),)
+    _gemm1_swiglu_kernel[grid1](
+        x_TH, w13_EFH, inter_SF, sorted_slots, block_expert, num_blocks_m, S, top_k, F, H,
+        x_TH.stride(0), x_TH.stride(1), w13_EFH.stride(0), w13_EFH.stride(1), w13_EFH.stride(2),
+        inter_SF.stride(0), **tiles)
+    grid2 = (num_blocks_m * triton.cdiv(H, cfg.BLOCK_N),)
+    _gemm2_weighted_kernel[grid2](
+        inter_SF, w2_EHF, y_SH, weights_S, sorted_slots, block_expert, num_blocks_m, S, F, H,
+        inter_SF.stride(0), w2_EHF.stride(0), w2_EHF.stride(1), w2_EHF.stride(2),
+        y_SH.stride(0), **tiles)
+    BLOCK_T, BLOCK_H = 4, min(1024, triton.next_power_of_2(H))
+    grid3 = (triton.cdiv(T, BLOCK_T), triton.cdiv(H, BLOCK_H))
+    _topk_sum_kernel[grid3](y_SH, ids_S, out_TH, T, H, top_k, expert_start, E,
+                            y_SH.stride(0), out_TH.stride(0), BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H,
+                            ROUND_BF16=round_bf16_by_hand(x_TH.dtype))
+    return out_TH

@@ -1,0 +1,54 @@
+"""A request as the engine tracks it, and the per-step instructions the leader sends.
+
+Shape of a step: the leader's plan for one tick holds, for each DP replica, either
+``None`` (the replica's stages idle this tick: a pipeline bubble) or a list of
+``SeqStep``: feed tokens ``[start, start + n)`` of a request, whose KV lives in
+``blocks``, and sample a token after them when ``sample`` is set.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from ..sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    replica: int = 0
+    micro_batch: int = -1
+    status: Status = Status.WAITING
+    output: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose KV is in the cache
+    blocks: list[int] = field(default_factory=list)
+    in_flight: bool = False
+    aborted: bool = False
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def max_len(self) -> int:
+        return len(self.prompt) + self.params.max_new_tokens
+
+
+@dataclass(frozen=True)
+class SeqStep:
+    req_id: int
+    blocks: tuple[int, ...]
+    start: int
+    tokens: tuple[int, ...]  # the tokens fed: positions [start, start + len(tokens))
+    sample: bool
+    params: SamplingParams | None = None  # sent with the first step that samples (sampler state)

@@ -1,0 +1,110 @@
+"""StageWorker: what every rank does at every tick of the pipeline schedule.
+
+At tick t a rank of stage s runs the step its replica's plan gave at tick ``t - s``
+(stage 0 runs the newest plan; a plan reaches stage s after s ticks). It receives the
+hidden states with an ``irecv`` posted at the end of the previous tick, computes, sends
+its output on with ``isend`` and posts the ``irecv`` for the next tick before the tick's
+control collectives, so transfers overlap compute and never wait on a sender. The last
+stage samples (TP rank 0 only) and returns the tokens.
+
+Shape legend: T = tokens of the step, H = hidden, V = vocab.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..model import AttnMeta
+from ..sampling import make_generator, sample
+from .request import SeqStep
+
+
+class StageWorker:
+    def __init__(self, model, cache, mesh=None):
+        self.model, self.cache, self.mesh = model, cache, mesh
+        self.stage = mesh.coord.pp if mesh else 0
+        self.num_stages = mesh.par.pp if mesh else 1
+        self.is_sampler = mesh is None or (mesh.is_last_stage and mesh.coord.tp == 0)
+        self.device = mesh.device if mesh else next(model.parameters()).device
+        self.history: dict[int, list[SeqStep] | None] = {}
+        self.pending_recv = None  # (tick, buffer, work)
+        self.pending_send = []
+        self.gens: dict[int, object] = {}
+        self.trace: list[tuple] = []  # (tick, stage, micro_batch, tokens, busy_s, wait_s)
+        kill = os.environ.get("MOERUN_TEST_KILL")  # "rank:tick": that rank dies there (tests)
+        rank = mesh.rank if mesh else 0
+        self.kill_at = int(kill.split(":")[1]) if kill and int(kill.split(":")[0]) == rank else None
+
+    def _recv_for(self, tick: int):
+        steps = self.history.get(tick - self.stage)
+        T = sum(len(s.tokens) for s in steps) if steps else 0
+        if self.stage == 0 or not T:
+            return None
+        buf = torch.empty(T, self.model.cfg.hidden_size, dtype=self.model.dtype, device=self.device)
+        return tick, buf, dist.irecv(buf, src=self.mesh.stage_peer(-1))
+
+    @torch.inference_mode()
+    def run_tick(self, tick: int, my_plan: list[SeqStep] | None, cycle: int,
+                 finished: list[int] = ()) -> dict[int, int]:
+        """Run this rank's share of tick ``tick``; ``my_plan`` is the replica's new plan
+        (stage 0's step). Returns {request id: token} on the sampler rank."""
+        if tick == self.kill_at:
+            os._exit(3)  # a test simulates a crashed rank
+        for rid in finished:
+            self.gens.pop(rid, None)
+        self.history[tick] = my_plan
+        steps = self.history.pop(tick - self.stage, None)
+        t0 = time.perf_counter()
+        wait = 0.0
+        out: dict[int, int] = {}
+        if steps is not None:  # None: a bubble, the same on every replica
+            x = self._input(tick, steps)
+            wait = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            lens = [len(s.tokens) for s in steps]
+            meta = AttnMeta.build([list(s.blocks) for s in steps], [s.start for s in steps], lens,
+                                  self.cache.block_size, self.device)
+            rows = None
+            if self.stage == self.num_stages - 1:
+                ends = torch.cumsum(torch.tensor(lens, dtype=torch.long), 0) - 1
+                rows = ends[[i for i, s in enumerate(steps) if s.sample]].to(self.device)
+            y = self.model(x, meta.pos_T, meta, self.cache, logits_rows=rows)
+            if self.stage < self.num_stages - 1:
+                if y.shape[0]:
+                    self.drain()  # earlier sends were matched by irecvs posted at earlier ticks
+                    self.pending_send.append(dist.isend(y.contiguous(), dst=self.mesh.stage_peer(+1)))
+            elif self.is_sampler:
+                out = self._sample(y, [s for s in steps if s.sample])
+            busy = time.perf_counter() - t1
+            self.trace.append((tick, self.stage, (tick - self.stage) % cycle, sum(lens), busy, wait))
+        else:
+            self.trace.append((tick, self.stage, None, 0, 0.0, 0.0))
+        if self.mesh is not None and self.stage > 0:
+            self.pending_recv = self._recv_for(tick + 1)
+        return out
+
+    def _input(self, tick: int, steps: list[SeqStep]) -> torch.Tensor:
+        if self.stage == 0:
+            return torch.tensor([t for s in steps for t in s.tokens], dtype=torch.long, device=self.device)
+        if self.pending_recv is None:  # nothing to receive: zero tokens this step
+            return torch.empty(0, self.model.cfg.hidden_size, dtype=self.model.dtype, device=self.device)
+        _, buf, work = self.pending_recv
+        work.wait()
+        self.pending_recv = None
+        return buf
+
+    def _sample(self, logits_RV: torch.Tensor, steps: list[SeqStep]) -> dict[int, int]:
+        for s in steps:
+            if s.req_id not in self.gens:
+                self.gens[s.req_id] = make_generator(s.params, s.req_id)
+        params = [s.params for s in steps]
+        toks = sample(logits_RV, params, [self.gens[s.req_id] for s in steps])
+        return {s.req_id: t for s, t in zip(steps, toks)}
+
+    def drain(self) -> None:
+        for w in self.pending_send:
+            w.wait()
+        self.pending_send = []

@@ -1,0 +1,105 @@
+"""``moerun plan``: check a layout and project it on a hardware spec, search layouts, or check claims.
+
+    python -m moerun.plan_cli --strategy baseline --hardware seed --gpus 16
+    python -m moerun.plan_cli --model tiny --hardware cpu --gpus 8 --tp 2 --pp 2 --ep 4 --dp 2 --json
+    python -m moerun.plan_cli --model seed-30b --hardware seed --gpus 16 --search --max-tpot-ms 50
+    python -m moerun.plan_cli --claims seed            # same as python -m moerun.claims seed
+
+Exit codes: 0 valid (or a search / claims table printed), 2 invalid layout (every broken rule
+listed; with --json the object is still printed, with "valid": false), 1 bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from .config import ModelConfig
+from .hardware import HardwareSpec
+from .parallel import ParallelConfig
+from .plan import make_plan, search
+from .plan_format import format_plan, format_search
+from .plan_strategy import Strategy, Workload
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="moerun plan", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="preset name (tiny, seed-30b) or checkpoint directory "
+                                    "(default: the strategy's model)")
+    ap.add_argument("--hardware", help="preset in configs/hardware/ or a .toml path "
+                                       "(default: the strategy's hardware)")
+    ap.add_argument("--gpus", type=int, help="GPUs (processes) available "
+                                             "(default: the strategy's, else the hardware's count)")
+    ap.add_argument("--strategy", help="preset in configs/strategies/ or a .toml path")
+    for axis in ("tp", "pp", "ep", "dp"):
+        ap.add_argument(f"--{axis}", type=int, help=f"{axis.upper()} degree (overrides the strategy's)")
+    ap.add_argument("--micro-batches", type=int, help="pipeline micro-batches per replica (default: pp)")
+    wl = ap.add_argument_group("workload (overrides the strategy's [workload])")
+    wl.add_argument("--concurrency", type=int, help="concurrent sequences in the whole deployment")
+    wl.add_argument("--prompt-len", type=int)
+    wl.add_argument("--output-len", type=int)
+    wl.add_argument("--dtype", choices=("fp32", "bf16", "fp16", "fp8"))
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--search", action="store_true", help="rank every valid layout by projected throughput")
+    ap.add_argument("--max-tpot-ms", type=float, help="with --search: keep layouts under this TPOT")
+    ap.add_argument("--top", type=int, default=10, help="with --search: how many to print (default 10)")
+    ap.add_argument("--claims", metavar="NAME", help="check a claims file (configs/claims/NAME.toml) "
+                                                    "and print its table; other options are ignored")
+    ap.add_argument("--measured", help="with --claims: JSON file of measured values")
+    return ap
+
+
+def resolve(args) -> tuple[ModelConfig, HardwareSpec, int, ParallelConfig, Workload]:
+    """Combine a strategy (if any) with the flags; flags win. ValueError names what is missing."""
+    strat = Strategy.load(args.strategy) if args.strategy else None
+    model_name = args.model or (strat.model if strat else "")
+    hw_name = args.hardware or (strat.hardware if strat else "")
+    if not model_name:
+        raise ValueError("no model: pass --model NAME_OR_DIR (or a --strategy that names one)")
+    if not hw_name:
+        raise ValueError("no hardware: pass --hardware NAME_OR_TOML (or a --strategy that names one)")
+    model, hw = ModelConfig.load(model_name), HardwareSpec.load(hw_name)
+    gpus = args.gpus or (strat.gpus if strat else 0) or hw.num_gpus
+    if not gpus:
+        raise ValueError(f"no GPU count: pass --gpus N (hardware {hw.name} is a device type, not a cluster)")
+    layout = strat.layout if strat else ParallelConfig()
+    layout = dataclasses.replace(layout, **{a: getattr(args, a) for a in ("tp", "pp", "ep", "dp")
+                                            if getattr(args, a) is not None})
+    workload = strat.workload if strat else Workload()
+    over = {k: getattr(args, k) for k in ("concurrency", "prompt_len", "output_len", "dtype")
+            if getattr(args, k) is not None}
+    if over:
+        workload = dataclasses.replace(workload, note="given on the command line", **over)
+    return model, hw, gpus, layout, workload
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.claims:
+        from .claims import main as claims_main
+        return claims_main([args.claims] + (["--measured", args.measured] if args.measured else [])
+                           + (["--json"] if args.json else []))
+    try:
+        model, hw, gpus, layout, workload = resolve(args)
+        if args.micro_batches is not None and args.micro_batches < 1:
+            raise ValueError(f"--micro-batches {args.micro_batches} must be >= 1")
+        if args.search:
+            reps = search(model, hw, gpus, workload, args.micro_batches, args.max_tpot_ms)
+            if args.json:
+                print(json.dumps({"label": f"projected (roofline on {hw.name})", "gpus": gpus,
+                                  "results": [r.to_json() for r in reps[:args.top]]}, indent=1))
+            else:
+                print(format_search(reps, args.top, model, hw, gpus, workload, args.max_tpot_ms))
+            return 0
+        rep = make_plan(model, layout, hw, gpus, workload, args.micro_batches)
+    except ValueError as e:
+        print(f"moerun plan: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(rep.to_json(), indent=1) if args.json else format_plan(rep))
+    return 0 if rep.valid else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
