@@ -1,8 +1,9 @@
 """The scheduler of one DP replica: waiting and running queues, a block allocator, and
 the choice of what each micro-batch computes next.
 
-Each call to ``schedule(mb)`` plans one step of micro-batch ``mb`` under a token budget:
-running requests of that micro-batch first (oldest first; a decode costs one token, an
+A request joins the least-loaded micro-batch when it arrives and stays in it. Each call
+to ``schedule(mb)`` plans one step of micro-batch ``mb`` under a token budget: running
+requests of that micro-batch first (oldest first; a decode costs one token, an
 unfinished prompt continues in chunks), then waiting requests are admitted into it
 while tokens and blocks last. When a running request needs a block and none is free,
 the youngest other request of the micro-batch is preempted: its blocks are freed and it
@@ -44,6 +45,12 @@ class Scheduler:
         return sum(r.max_len for r in self.running) + sum(r.max_len for r in self.waiting)
 
     def add(self, req: Request) -> None:
+        """Queue a request in the micro-batch with the least work, for its lifetime (the
+        pipeline stays balanced: every micro-batch carries about the same tokens)."""
+        loads = [0] * self.num_micro_batches
+        for r in list(self.running) + list(self.waiting):
+            loads[r.micro_batch] += r.max_len
+        req.micro_batch = min(range(self.num_micro_batches), key=loads.__getitem__)
         self.waiting.append(req)
 
     def _blocks_needed(self, req: Request, upto: int) -> int:
@@ -66,7 +73,7 @@ class Scheduler:
     def _preempt(self, victim: Request) -> None:
         self.free(victim)
         self.running.remove(victim)
-        victim.status, victim.num_computed, victim.micro_batch = Status.WAITING, 0, -1
+        victim.status, victim.num_computed = Status.WAITING, 0
         victim.num_preemptions += 1
         self.waiting.appendleft(victim)
 
@@ -86,14 +93,15 @@ class Scheduler:
             if req.status is Status.RUNNING:
                 chosen.append((req, n))
                 budget -= n
-        while self.waiting and budget > 0:
-            req = self.waiting[0]
+        for req in [r for r in self.waiting if r.micro_batch == mb]:
+            if budget == 0:
+                break
             n = min(len(req.tokens) - req.num_computed, budget)
             if self._blocks_needed(req, req.num_computed + n) > len(self.blocks.free):
                 break  # first come, first served: do not let later requests overtake
-            self.waiting.popleft()
+            self.waiting.remove(req)
             self._grow(req, req.num_computed + n)
-            req.status, req.micro_batch = Status.RUNNING, mb
+            req.status = Status.RUNNING
             self.running.append(req)
             chosen.append((req, n))
             budget -= n
