@@ -144,3 +144,13 @@ def check_index(name: str, t: torch.Tensor) -> None:
 def check_2d(name: str, t: torch.Tensor, legend: str) -> None:
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D {legend}, got shape {tuple(t.shape)}")
+
+
+def check_routed(x_TH: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> None:
+    """Shape and dtype checks shared by every kernel that takes routed tokens."""
+    check_2d("x_TH", x_TH, "[tokens, hidden]")
+    check_float("x_TH", x_TH)
+    check_2d("weights_TK", weights_TK, "[tokens, top_k] routing weights")
+    check_float("weights_TK", weights_TK)
+    check_2d("ids_TK", ids_TK, "[tokens, top_k] expert ids")
+    check_index("ids_TK", ids_TK)

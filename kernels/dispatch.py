@@ -29,7 +29,7 @@ import dataclasses
 
 import torch
 
-from ._common import alloc, check_2d, check_float, check_index, jit, resolve_impl
+from ._common import alloc, check_float, check_index, check_routed, jit, resolve_impl
 from ._common import pre_round_bf16, round_bf16_by_hand, tl, triton
 from .align import moe_align
 
@@ -55,12 +55,7 @@ def contiguous_expert_ranks(num_experts: int, num_ranks: int, device=None) -> to
 
 
 def _check_dispatch(x_TH, ids_TK, weights_TK, ranks_of_experts, num_ranks):
-    check_2d("x_TH", x_TH, "[tokens, hidden]")
-    check_float("x_TH", x_TH)
-    check_2d("ids_TK", ids_TK, "[tokens, top_k] expert ids")
-    check_index("ids_TK", ids_TK)
-    check_2d("weights_TK", weights_TK, "[tokens, top_k] routing weights")
-    check_float("weights_TK", weights_TK)
+    check_routed(x_TH, weights_TK, ids_TK)
     if ids_TK.shape != weights_TK.shape or ids_TK.shape[0] != x_TH.shape[0]:
         raise ValueError(f"ids_TK {tuple(ids_TK.shape)} and weights_TK "
                          f"{tuple(weights_TK.shape)} must both be [T={x_TH.shape[0]}, K]")

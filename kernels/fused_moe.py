@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from . import moe_config
-from ._common import INTERPRETED, alloc, check_2d, check_float, check_index, jit, resolve_impl
+from ._common import INTERPRETED, alloc, check_routed, jit, resolve_impl
 from ._common import pre_round_bf16, round_bf16_by_hand, tl, triton
 from .align import moe_align
 
@@ -183,12 +183,7 @@ def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, T, H, top_k, expert_start, num_loc
 
 
 def _check(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start, num_local_experts):
-    check_2d("x_TH", x_TH, "[tokens, hidden]")
-    check_float("x_TH", x_TH)
-    check_2d("weights_TK", weights_TK, "[tokens, top_k] routing weights")
-    check_float("weights_TK", weights_TK)
-    check_2d("ids_TK", ids_TK, "[tokens, top_k] expert ids")
-    check_index("ids_TK", ids_TK)
+    check_routed(x_TH, weights_TK, ids_TK)
     T, H = x_TH.shape
     if w13_EFH.dim() != 3 or w2_EHF.dim() != 3:
         raise ValueError(f"w13 must be [E, 2F, H] and w2 [E, H, F]; got {tuple(w13_EFH.shape)} "

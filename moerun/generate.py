@@ -16,7 +16,6 @@ import os
 import sys
 import time
 
-import torch
 
 from .config import ModelConfig
 from .engine import Engine

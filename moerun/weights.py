@@ -20,7 +20,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
-from .weights_spec import TensorSpec
 
 INDEX = "model.safetensors.index.json"
 

@@ -8,25 +8,15 @@ computation, on tiny shapes, under the Triton interpreter when there is no GPU:
 fused_moe has its own file, tests/test_kernels_fused_moe.py.
 Shape legend: T = tokens, E = experts, K = top-k, H = hidden.
 """
-import os
+import random
 
-# The interpreter must be chosen before triton is first imported (tests/conftest.py does
-# the same; this keeps the file runnable on its own).
-if not os.path.exists("/dev/nvidia0"):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import random  # noqa: E402
+from kernel_env import DEVICE, needs_triton
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import moerun.kernels as K  # noqa: E402
-from moerun.kernels import _common, moe_config  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(
-    not (K.HAS_TRITON and (DEVICE == "cuda" or K.INTERPRETED)),
-    reason="no triton, or triton was imported before TRITON_INTERPRET=1 was set")
+import moerun.kernels as K
+from moerun.kernels import _common, moe_config
 # Each test runs the Triton kernel and, for the checks that need no triton, the reference.
 IMPLS = [pytest.param("triton", marks=needs_triton), "torch"]
 

@@ -6,24 +6,15 @@ Runs under the Triton interpreter when there is no GPU, on tiny shapes whose siz
 multiples of the tiles (interpreter tiles: BLOCK_M=16, BLOCK_N=32, BLOCK_K=32).
 Shape legend: T = tokens, E = experts, K = top-k, H = hidden, F = expert FFN width.
 """
-import os
+import random
 
-# The interpreter must be chosen before triton is first imported (see tests/conftest.py).
-if not os.path.exists("/dev/nvidia0"):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import random  # noqa: E402
+from kernel_env import DEVICE, needs_triton
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import moerun.kernels as K  # noqa: E402
-from moerun.kernels import _common  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(
-    not (K.HAS_TRITON and (DEVICE == "cuda" or K.INTERPRETED)),
-    reason="no triton, or triton was imported before TRITON_INTERPRET=1 was set")
+import moerun.kernels as K
+from moerun.kernels import _common
 # |error| <= TOL * max|expected|: vs float64, and kernel vs reference (same roundings)
 TOL_F64 = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 TOL_REF = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 2e-3}
