@@ -86,21 +86,25 @@ def print_stats(engine, traces: dict[int, list], seconds: float, tokens: int) ->
     by_stage: dict[int, list] = {}
     for trace in traces.values():
         for tick, stage, mb, ntok, busy, wait in trace:
-            by_stage.setdefault(stage, []).append((mb, busy, wait))
+            by_stage.setdefault(stage, []).append((mb, busy, wait, ntok))
     ranks_per_stage = max(1, len(traces) // max(len(by_stage), 1))
     for stage, rows in sorted(by_stage.items()):
         busy = sum(r[1] for r in rows) / ranks_per_stage
         wait = sum(r[2] for r in rows) / ranks_per_stage
-        idle = sum(1 for r in rows if r[0] is None) // ranks_per_stage
+        idle = sum(1 for r in rows if r[0] is None or r[3] == 0) // ranks_per_stage
         print(f"[stats] stage {stage}: compute {busy:.3f}s, waiting for input {wait:.3f}s, "
-              f"idle ticks {idle} of {len(rows) // ranks_per_stage} (per rank, averaged)", file=err)
+              f"idle ticks (no tokens) {idle} of {len(rows) // ranks_per_stage} (per rank, averaged)", file=err)
 
 
 def read_prompts(args, tok) -> list[tuple[list[int], int | None]]:
     """(prompt ids, max_new_tokens override) for every prompt given."""
     if args.prompts_file:
         out = []
-        with open(args.prompts_file) as f:
+        try:
+            f = open(args.prompts_file)
+        except OSError as e:
+            raise ValueError(f"cannot read --prompts-file: {e}") from e
+        with f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue

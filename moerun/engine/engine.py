@@ -68,9 +68,9 @@ class Engine:
         self.cfg, self.mesh, self.model = cfg, mesh, model
         self.pp = mesh.par.pp if mesh else 1
         self.dp = mesh.par.dp if mesh else 1
+        if cfg.micro_batches is not None and cfg.micro_batches < 1:
+            raise ValueError(f"--micro-batches must be >= 1, got {cfg.micro_batches}")
         self.M = cfg.micro_batches or self.pp
-        if self.M < 1:
-            raise ValueError(f"--micro-batches must be >= 1, got {self.M}")
         self.cycle = max(self.M, self.pp)
         self.num_blocks = kv_blocks(model, cfg, mesh)
         self.worker = StageWorker(model, KVCache.for_model(model, self.num_blocks, cfg.block_size), mesh)
