@@ -120,8 +120,14 @@ def main(args) -> int:
         t0 = time.perf_counter()
         rt = Runtime.create(args.model, par, dtype=args.dtype, device=args.device, seed=args.seed,
                             timeout_s=args.timeout)
-        log.info("%s on %d ranks: stage %s holds layers %s; loaded in %.1fs", par, par.world_size,
-                 rt.mesh.coord.pp, list(rt.mesh.layers(cfg)), time.perf_counter() - t0)
+        rep = rt.model.load_report
+        read = gather_to_rank0(rt.mesh, {rank: rep.bytes_read if rep else 0})
+        layers = rt.mesh.layers(cfg)
+        log.info("%s on %d ranks: rank 0 holds layers %d-%d; loaded in %.1fs", par, par.world_size,
+                 layers.start, layers.stop - 1, time.perf_counter() - t0)
+        if rank == 0 and rep is not None:
+            log.info("checkpoint bytes read per rank (MiB): %s",
+                     ", ".join(f"{r}: {b / 2**20:.1f}" for r, b in sorted(read.items())))
         box = [None]
         if rank == 0:
             try:
