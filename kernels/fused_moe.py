@@ -69,10 +69,10 @@ def reference_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, *, expert_sta
 
 
 def torch_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, *, expert_start=0):
-    """The fast PyTorch path (``impl="torch"``) for float32 on the CPU: the same sort as the
-    reference, then per projection either one ``torch._grouped_mm`` over the experts
-    (few slots per expert) or one padded ``bmm`` (slots spread over most experts) instead
-    of a Python loop. Anything else, or a torch without ``_grouped_mm``: the reference."""
+    """The fast PyTorch path (``impl="torch"``): the same sort as the reference, then one
+    ``torch._grouped_mm`` per projection over all local experts instead of a Python loop,
+    where the installed torch has it on this device for float32 (the CPU); else the
+    reference."""
     grouped = getattr(torch, "_grouped_mm", None)
     if grouped is None or x_TH.device.type != "cpu" or x_TH.dtype != torch.float32 or x_TH.shape[0] == 0:
         return reference_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start=expert_start)
@@ -82,25 +82,11 @@ def torch_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, *, expert_start=0
     local_S = ids_TK.reshape(-1).long() - expert_start
     slots_N = torch.nonzero((local_S >= 0) & (local_S < E), as_tuple=True)[0]
     slots_N = slots_N[torch.argsort(local_S[slots_N], stable=True)]  # grouped by expert
-    counts_E = torch.bincount(local_S[slots_N], minlength=E)
+    ends_E = torch.cumsum(torch.bincount(local_S[slots_N], minlength=E), 0).to(torch.int32)
     x_NH = x_TH[slots_N // K]
-    N, most = slots_N.numel(), int(counts_E.max()) if slots_N.numel() else 0
-    if N >= E // 2 and most <= 16:
-        # Slots spread over most experts (decode batches): one padded bmm per projection
-        # reads every expert's weights in a single call, cheaper than E small matmuls.
-        e_N = local_S[slots_N]
-        row_N = torch.arange(N) - (torch.cumsum(counts_E, 0) - counts_E)[e_N]
-        x_EMH = x_TH.new_zeros(E, most, H)
-        x_EMH[e_N, row_N] = x_NH
-        gate_up = torch.bmm(x_EMH, w13_EFH.transpose(1, 2))  # [E, M, 2F]
-        h = torch.nn.functional.silu(gate_up[..., :F]) * gate_up[..., F:]
-        y_NH = torch.bmm(h, w2_EHF.transpose(1, 2))[e_N, row_N]
-    else:
-        ends_E = torch.cumsum(counts_E, 0).to(torch.int32)
-        gate_up = grouped(x_NH, w13_EFH.transpose(1, 2), offs=ends_E)  # [N, 2F]
-        h_NF = torch.nn.functional.silu(gate_up[:, :F]) * gate_up[:, F:]
-        y_NH = grouped(h_NF, w2_EHF.transpose(1, 2), offs=ends_E)
-    y_NH = y_NH * weights_TK.reshape(-1)[slots_N][:, None]
+    gate_up = grouped(x_NH, w13_EFH.transpose(1, 2), offs=ends_E)  # [N, 2F]
+    h_NF = torch.nn.functional.silu(gate_up[:, :F]) * gate_up[:, F:]
+    y_NH = grouped(h_NF, w2_EHF.transpose(1, 2), offs=ends_E) * weights_TK.reshape(-1)[slots_N][:, None]
     out_TH = torch.zeros((T, H), dtype=torch.float32, device=x_TH.device)
     out_TH.index_add_(0, slots_N // K, y_NH.float())
     return out_TH

@@ -9,8 +9,7 @@ fm = importlib.import_module("moerun.kernels.fused_moe")
 
 
 @pytest.mark.parametrize("T, K, E, local", [(0, 2, 8, (0, 8)), (1, 2, 8, (0, 8)), (37, 3, 8, (0, 8)),
-                                            (20, 8, 8, (0, 8)), (29, 2, 16, (4, 4)),
-                                            (40, 2, 64, (0, 64)), (33, 2, 32, (8, 16))])
+                                            (20, 8, 8, (0, 8)), (29, 2, 16, (4, 4))])
 def test_torch_path_equals_reference_and_float64(T, K, E, local):
     start, n = local
     H, F = 24, 40
