@@ -22,7 +22,8 @@ def test_checkpoint_greedy_json_matches_transformers(hf_checkpoint):
     out = json.loads(run_generate("--model", str(path), "--prompt-ids", ",".join(map(str, ids)),
                                   "--max-new-tokens", "12", "--temperature", "0", "--json").stdout)
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12, pad_token_id=0)[0, 5:].tolist()
+        ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, 5, dtype=torch.long), do_sample=False,
+                          max_new_tokens=12, pad_token_id=0)[0, 5:].tolist()
     assert out["prompt_ids"] == ids and out["output_ids"] == ref and out["text"] is None
 
 
