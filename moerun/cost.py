@@ -26,12 +26,6 @@ def ceil_share(n: int, parts: int, idx: int) -> int:
     return max(0, min(c, n - idx * c))
 
 
-def even_share(n: int, parts: int, idx: int) -> int:
-    """Columns of an ``n``-wide FFN on part ``idx`` of a balanced split (sizes differ by <= 1)."""
-    base, extra = divmod(n, parts)
-    return base + (1 if idx < extra else 0)
-
-
 @dataclass(frozen=True)
 class RankParams:
     """Parameters one rank holds, by kind (counts, not bytes)."""
@@ -39,7 +33,8 @@ class RankParams:
     norms: int  # the two RMSNorms per layer (+ the final norm on the last stage), replicated
     router: int  # E x H per MoE layer, replicated
     experts: int  # the rank's E/ep experts in each of its MoE layers
-    mlp: int  # TP shards of dense MLPs and shared experts (+ the shared-expert gate)
+    mlp: int  # dense MLPs and shared experts (+ the shared-expert gate), replicated over TP:
+    #            they run on the rank's 1/tp token share, between the reduce-scatter and all-gather
     embedding: int  # vocab-parallel rows, stage 0 (and the last stage when tied and pp > 1)
     lm_head: int  # vocab-parallel rows, last stage
 
@@ -87,9 +82,9 @@ def rank_params(model: ModelConfig, par: ParallelConfig, rank: int) -> RankParam
             router += model.num_experts * H
             experts += (model.num_experts // par.ep) * model.expert_params()
             if model.shared_expert_ffn:
-                mlp += 3 * H * even_share(model.shared_expert_ffn, par.tp, c.tp) + H
+                mlp += 3 * H * model.shared_expert_ffn + H
         else:
-            mlp += 3 * H * even_share(model.dense_ffn, par.tp, c.tp)
+            mlp += 3 * H * model.dense_ffn
     rows = ceil_share(model.vocab_size, par.tp, c.tp)
     first, last = c.pp == 0, c.pp == par.pp - 1
     emb = rows * H if first or (last and model.tie_word_embeddings and par.pp > 1) else 0

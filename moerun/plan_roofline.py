@@ -109,12 +109,10 @@ def stage_cost(model: ModelConfig, par: ParallelConfig, hw: HardwareSpec, wl: Wo
             n_moe += 1
             flops += cost.matmul_flops(t_moe, model.num_experts * H)  # router
             flops += cost.matmul_flops(t_moe * k * imbalance, model.expert_params())
-            if model.shared_expert_ffn:
-                flops += cost.matmul_flops(T, 3 * H * cost.even_share(model.shared_expert_ffn, par.tp, 0))
-                n_allreduce += 1
+            if model.shared_expert_ffn:  # replicated, on the rank's token share: no collective
+                flops += cost.matmul_flops(t_moe, 3 * H * model.shared_expert_ffn + H)
         else:
-            flops += cost.matmul_flops(T, 3 * H * cost.even_share(model.dense_ffn, par.tp, 0))
-            n_allreduce += 1
+            flops += cost.matmul_flops(t_moe, 3 * H * model.dense_ffn)
     if last:
         flops += cost.matmul_flops(seqs, rows * H)  # LM head on the last token of each sequence
 

@@ -94,14 +94,14 @@ def test_tp_beyond_kv_heads_replicates_one_kv_head():
     assert [r.kv_heads for r in rep.per_rank] == [(0,), (0,), (1,), (1,)]
 
 
-def test_qwen2_shared_expert_and_dense_layer_are_tp_sharded():
+def test_qwen2_shared_expert_and_dense_layer_are_replicated_over_tp():
     m = ModelConfig(model_type="qwen2_moe", vocab_size=10, hidden_size=16, num_layers=2, num_heads=4,
                     num_kv_heads=2, head_dim=4, num_experts=4, top_k=2, moe_ffn=8, dense_ffn=10,
                     shared_expert_ffn=6, qkv_bias=True, moe_layers=(True, False))
     par = ParallelConfig(tp=2, ep=2)
     attn = 16 * 2 * 4 + 2 * 16 * 1 * 4 + 2 * 4 * 16 + (2 * 4 + 2 * 1 * 4)  # + sharded q/k/v bias
-    moe = attn + 2 * 16 + 4 * 16 + 2 * 3 * 16 * 8 + 3 * 16 * 3 + 16  # router, 2 experts, shared/2, gate
-    dense = attn + 2 * 16 + 3 * 16 * 5
+    moe = attn + 2 * 16 + 4 * 16 + 2 * 3 * 16 * 8 + 3 * 16 * 6 + 16  # router, 2 experts, shared, gate
+    dense = attn + 2 * 16 + 3 * 16 * 10  # they run on the rank's token share: whole on each TP rank
     emb = [5 * 16, 5 * 16]  # ceil(10/2) rows each
     for t in (0, 1):
         assert cost.rank_params(m, par, t).total == moe + dense + 2 * emb[t] + 16
@@ -110,7 +110,6 @@ def test_qwen2_shared_expert_and_dense_layer_are_tp_sharded():
 def test_vocab_ceil_split():
     assert [cost.ceil_share(10, 4, i) for i in range(4)] == [3, 3, 3, 1]
     assert [cost.ceil_share(10, 8, i) for i in range(8)] == [2, 2, 2, 2, 2, 0, 0, 0]
-    assert [cost.even_share(10, 4, i) for i in range(4)] == [3, 3, 2, 2]
 
 
 # ------------------------------------------------------------------ communication and pipeline
@@ -247,3 +246,17 @@ def test_toml_unknown_keys_rejected(tmp_path):
     strat.write_text('name = "s"\n[layout]\ntp = 2\n[workload]\nbatch = 4\n')
     with pytest.raises(ValueError, match="unknown key.*batch"):
         Strategy.load(strat)
+
+
+@pytest.mark.parametrize("family, layout", [("qwen2_moe", (2, 2, 4, 2)), ("olmoe", (4, 1, 2, 2)),
+                                            ("qwen3_moe", (2, 3, 2, 1)), ("mixtral", (1, 2, 8, 4))])
+def test_planner_bytes_match_the_runtime_shards(family, layout, hf_checkpoint):
+    """The planner's per-rank parameters equal what the runtime builds for that rank
+    (counted on a meta-device build of the shard), for every rank."""
+    from moerun.layout_cli import shard_params
+
+    m = ModelConfig.load(hf_checkpoint(family)[0])
+    tp, pp, ep, dp = layout
+    par = ParallelConfig(tp=tp, pp=pp, ep=ep, dp=dp)
+    for r in range(par.world_size):
+        assert cost.rank_params(m, par, r).total == shard_params(m, par, r), (family, r)
