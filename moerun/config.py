@@ -20,11 +20,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from .configs import CONFIG_DIR  # configs/, shipped as moerun.configs
+
 log = logging.getLogger("moerun")
 
 SUPPORTED_TYPES = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe")
-# Presets live in the repository (moerun is installed editable, `pip install -e .`).
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+
+PRESET_DIR = CONFIG_DIR / "models"
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from .configs import CONFIG_DIR  # configs/, shipped as moerun.configs
+
 
 
 def list_presets(kind: str) -> list[str]:
