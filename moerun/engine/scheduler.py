@@ -20,7 +20,6 @@ from .request import Request, SeqStep, Status
 class BlockAllocator:
     def __init__(self, num_blocks: int):
         self.free = deque(range(num_blocks))
-        self.num_blocks = num_blocks
 
     def take(self, n: int) -> list[int] | None:
         if n > len(self.free):

@@ -30,7 +30,7 @@ class StageWorker:
         self.is_sampler = mesh is None or (mesh.is_last_stage and mesh.coord.tp == 0)
         self.device = mesh.device if mesh else next(model.parameters()).device
         self.history: dict[int, list[SeqStep] | None] = {}
-        self.pending_recv = None  # (tick, buffer, work)
+        self.pending_recv = None  # (buffer, work) for the next tick
         self.pending_send = []
         self.gens: dict[int, object] = {}
         self.trace: list[tuple] = []  # (tick, stage, micro_batch, tokens, busy_s, wait_s)
@@ -44,7 +44,7 @@ class StageWorker:
         if self.stage == 0 or not T:
             return None
         buf = torch.empty(T, self.model.cfg.hidden_size, dtype=self.model.dtype, device=self.device)
-        return tick, buf, dist.irecv(buf, src=self.mesh.stage_peer(-1))
+        return buf, dist.irecv(buf, src=self.mesh.stage_peer(-1))
 
     @torch.inference_mode()
     def run_tick(self, tick: int, my_plan: list[SeqStep] | None, cycle: int,
@@ -91,7 +91,7 @@ class StageWorker:
             return torch.tensor([t for s in steps for t in s.tokens], dtype=torch.long, device=self.device)
         if self.pending_recv is None:  # nothing to receive: zero tokens this step
             return torch.empty(0, self.model.cfg.hidden_size, dtype=self.model.dtype, device=self.device)
-        _, buf, work = self.pending_recv
+        buf, work = self.pending_recv
         work.wait()
         self.pending_recv = None
         return buf
