@@ -33,18 +33,23 @@ from ._common import pre_round_bf16, round_bf16_by_hand, tl, triton
 from .align import moe_align
 
 
+def _slots_by_expert(ids_TK, expert_start: int, num_local: int):
+    """Token-slots (s = t * K + k) routed to a local expert, sorted by expert (stable), and
+    the number of slots of each local expert: (slots_N, counts_E)."""
+    local_S = ids_TK.reshape(-1).long() - expert_start
+    slots_N = torch.nonzero((local_S >= 0) & (local_S < num_local), as_tuple=True)[0]
+    slots_N = slots_N[torch.argsort(local_S[slots_N], stable=True)]
+    return slots_N, torch.bincount(local_S[slots_N], minlength=num_local)
+
+
 def _expert_loop(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start, compute_dtype):
     """Group the token-slots by expert (one sort), run each local expert's SwiGLU FFN on
     its contiguous rows, and add the weighted rows back to their tokens in one pass."""
     T, H = x_TH.shape
     E, F = w13_EFH.shape[0], w13_EFH.shape[1] // 2
     K = ids_TK.shape[1]
-    local_S = ids_TK.reshape(-1).long() - expert_start  # slot s = t * K + k
-    keep_S = (local_S >= 0) & (local_S < E)
-    slots_N = torch.nonzero(keep_S, as_tuple=True)[0]
-    order = torch.argsort(local_S[slots_N], stable=True)
-    slots_N = slots_N[order]  # slots grouped by expert
-    counts = torch.bincount(local_S[slots_N], minlength=E).tolist() if slots_N.numel() else [0] * E
+    slots_N, counts_E = _slots_by_expert(ids_TK, expert_start, E)
+    counts = counts_E.tolist()
     x_NH = x_TH[slots_N // K].to(compute_dtype)
     y_NH = torch.empty((slots_N.numel(), H), dtype=torch.float32, device=x_TH.device)
     start = 0
@@ -79,10 +84,8 @@ def torch_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, *, expert_start=0
     T, H = x_TH.shape
     E, F = w13_EFH.shape[0], w13_EFH.shape[1] // 2
     K = ids_TK.shape[1]
-    local_S = ids_TK.reshape(-1).long() - expert_start
-    slots_N = torch.nonzero((local_S >= 0) & (local_S < E), as_tuple=True)[0]
-    slots_N = slots_N[torch.argsort(local_S[slots_N], stable=True)]  # grouped by expert
-    ends_E = torch.cumsum(torch.bincount(local_S[slots_N], minlength=E), 0).to(torch.int32)
+    slots_N, counts_E = _slots_by_expert(ids_TK, expert_start, E)
+    ends_E = torch.cumsum(counts_E, 0).to(torch.int32)
     x_NH = x_TH[slots_N // K]
     gate_up = grouped(x_NH, w13_EFH.transpose(1, 2), offs=ends_E)  # [N, 2F]
     h_NF = torch.nn.functional.silu(gate_up[:, :F]) * gate_up[:, F:]

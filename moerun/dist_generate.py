@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 from .config import ModelConfig
 from .engine import Engine, serve_worker
-from .mesh import DistComm, Mesh
+from .engine.request import check_prompt
+from .mesh import DistComm, Mesh, gather_to_rank0
 from .model import AttnMeta
 from .parallel import ParallelConfig
 from .runner import build_model, prefill_meta, resolve_dtype
@@ -87,26 +88,10 @@ def dist_prefill_logits(rt: Runtime, prompts: list[list[int]]) -> dict[int, torc
     return gather_to_rank0(rt.mesh, part)
 
 
-def gather_traces(mesh: Mesh, trace: list) -> dict[int, list] | None:
-    """Every rank's schedule trace, on rank 0, keyed by rank."""
-    return gather_to_rank0(mesh, {mesh.rank: trace})
-
-
-def gather_to_rank0(mesh: Mesh, part: dict):
-    parts = [None] * mesh.par.world_size if mesh.rank == 0 else None
-    dist.gather_object(part, parts, dst=0, group=mesh.ctrl)
-    if mesh.rank != 0:
-        return None
-    merged = {}
-    for p in parts:
-        merged.update(p)
-    return merged
-
-
 def main(args) -> int:
     """``moerun generate`` under torchrun (args parsed by moerun.generate)."""
     from . import kernels
-    from .generate import engine_config, print_stats, read_prompts, results_json, sampling_for
+    from .generate import engine_config, read_prompts, serve_prompts
     from .tokenizer import load_tokenizer
 
     rank = int(os.environ.get("RANK", "0"))
@@ -138,33 +123,21 @@ def main(args) -> int:
         if isinstance(box[0], Exception):
             raise box[0]
         prompts = box[0]
-        bad = [i for i, (p, _) in enumerate(prompts) if not p or any(not 0 <= t < cfg.vocab_size for t in p)]
-        if bad:
-            raise ValueError(f"prompt(s) {bad} are empty or have token ids outside the vocabulary "
-                             f"(0..{cfg.vocab_size - 1})")
-        params = [sampling_for(args, m) for _, m in prompts]
+        for i, (p, _) in enumerate(prompts):  # on every rank, so all exit with the same error
+            try:
+                check_prompt(p, cfg.vocab_size)
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
         ecfg = engine_config(args)
         if rank == 0:
-            engine = Engine(rt.model, ecfg, rt.mesh)
-            t0 = time.perf_counter()
-            outputs = engine.generate([p for p, _ in prompts], params)
-            dt = time.perf_counter() - t0
-            engine.shutdown()
-            traces = gather_traces(rt.mesh, engine.worker.trace)
-            n = sum(map(len, outputs))
-            log.info("generated %d tokens for %d prompt(s) in %.2fs (%.1f tokens/s, measured, %s, %s)",
-                     n, len(prompts), dt, n / dt if dt else 0.0, par, rt.mesh.device.type)
-            if args.stats:
-                print_stats(engine, traces, dt, n)
-            import json
-            if args.json:
-                print(json.dumps(results_json(prompts, outputs, tok)), flush=True)
-            else:
-                for o in outputs:
-                    print(tok.decode(o) if tok else " ".join(map(str, o)), flush=True)
+            def finish(engine):
+                engine.shutdown()
+                return gather_to_rank0(rt.mesh, {rank: engine.worker.trace})
+            serve_prompts(Engine(rt.model, ecfg, rt.mesh), prompts, args, tok,
+                          f"{par}, {rt.mesh.device.type}", finish)
         else:
             worker = serve_worker(rt, ecfg)
-            gather_traces(rt.mesh, worker.trace)
+            gather_to_rank0(rt.mesh, {rank: worker.trace})
         dist.barrier(group=rt.mesh.ctrl)
         dist.destroy_process_group()
         return 0

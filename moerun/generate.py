@@ -168,22 +168,27 @@ def _run_local(args) -> int:
     model = build_model(args.model, dtype=dtype, device=device, seed=args.seed, cfg=cfg)
     log.info("loaded %s (%s, %.1fM params) on %s/%s in %.1fs", args.model, cfg.model_type,
              cfg.num_params() / 1e6, device, str(dtype).replace("torch.", ""), time.perf_counter() - t0)
-    engine = Engine(model, engine_config(args))
+    serve_prompts(Engine(model, engine_config(args)), prompts, args, tok, f"on {device}")
+    return 0
+
+
+def serve_prompts(engine, prompts, args, tok, where: str, finish=None) -> None:
+    """Run every prompt through the engine, log the measured rate, print the results.
+    ``finish(engine)`` (under torchrun) stops the workers and returns every rank's trace."""
     t0 = time.perf_counter()
     outputs = engine.generate([p for p, _ in prompts], [sampling_for(args, m) for _, m in prompts])
     dt = time.perf_counter() - t0
+    traces = finish(engine) if finish else {0: engine.worker.trace}
     n = sum(len(o) for o in outputs)
-    log.info("generated %d tokens for %d prompt(s) in %.2fs (%.1f tokens/s, measured on %s)",
-             n, len(prompts), dt, n / dt if dt else 0.0, device)
+    log.info("generated %d tokens for %d prompt(s) in %.2fs (%.1f tokens/s, measured %s)",
+             n, len(prompts), dt, n / dt if dt else 0.0, where)
     if args.stats:
-        print_stats(engine, {0: engine.worker.trace}, dt, n)
+        print_stats(engine, traces, dt, n)
     if args.json:
-        print(json.dumps(results_json(prompts, outputs, tok)))
+        print(json.dumps(results_json(prompts, outputs, tok)), flush=True)
     else:
-        for (p, _), o in zip(prompts, outputs):
-            print(tok.decode(o) if tok else " ".join(map(str, o)))
-    return 0
-
+        for o in outputs:
+            print(tok.decode(o) if tok else " ".join(map(str, o)), flush=True)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -94,6 +94,18 @@ class Mesh:
         return self.par.rank_of(c.pp + offset, c.dp, c.tp)
 
 
+def gather_to_rank0(mesh: Mesh, part: dict) -> dict | None:
+    """Merge every rank's small dict on rank 0 (gloo control group); None elsewhere."""
+    parts = [None] * mesh.par.world_size if mesh.rank == 0 else None
+    dist.gather_object(part, parts, dst=0, group=mesh.ctrl)
+    if mesh.rank != 0:
+        return None
+    merged = {}
+    for p in parts:
+        merged.update(p)
+    return merged
+
+
 class DistComm(Comm):
     def __init__(self, mesh: Mesh):
         self.mesh = mesh

@@ -12,7 +12,8 @@ import sys
 
 import torch
 
-from moerun.dist_generate import Runtime, dist_prefill_logits, gather_to_rank0
+from moerun.dist_generate import Runtime, dist_prefill_logits
+from moerun.mesh import gather_to_rank0
 from moerun.engine import Engine, EngineConfig, serve_worker
 from moerun.parallel import ParallelConfig
 from moerun.sampling import SamplingParams

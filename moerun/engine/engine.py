@@ -22,8 +22,9 @@ import torch
 import torch.distributed as dist
 
 from ..kvcache import KVCache
+from ..mesh import gather_to_rank0
 from ..sampling import SamplingParams
-from .request import Request, Status
+from .request import Request, Status, check_prompt
 from .scheduler import Scheduler
 from .worker import StageWorker
 
@@ -63,6 +64,11 @@ def kv_blocks(model, cfg: EngineConfig, mesh=None) -> int:
     return n
 
 
+def stage_worker(model, cfg: EngineConfig, mesh=None) -> StageWorker:
+    """This rank's worker with a KV cache of the agreed number of blocks."""
+    return StageWorker(model, KVCache.for_model(model, kv_blocks(model, cfg, mesh), cfg.block_size), mesh)
+
+
 class Engine:
     def __init__(self, model, cfg: EngineConfig, mesh=None):
         self.cfg, self.mesh, self.model = cfg, mesh, model
@@ -72,8 +78,8 @@ class Engine:
             raise ValueError(f"--micro-batches must be >= 1, got {cfg.micro_batches}")
         self.M = cfg.micro_batches or self.pp
         self.cycle = max(self.M, self.pp)
-        self.num_blocks = kv_blocks(model, cfg, mesh)
-        self.worker = StageWorker(model, KVCache.for_model(model, self.num_blocks, cfg.block_size), mesh)
+        self.worker = stage_worker(model, cfg, mesh)
+        self.num_blocks = self.worker.cache.num_blocks
         self.schedulers = [Scheduler(self.num_blocks, cfg.block_size, cfg.max_batch_tokens, self.M)
                            for _ in range(self.dp)]
         self.requests: dict[int, Request] = {}
@@ -94,12 +100,7 @@ class Engine:
 
     # ---------------------------------------------------------------- the API
     def add_request(self, prompt: list[int], params: SamplingParams) -> int:
-        vocab = self.model.cfg.vocab_size
-        if not prompt:
-            raise ValueError("a prompt needs at least one token")
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+        check_prompt(prompt, self.model.cfg.vocab_size)
         need = -(-(len(prompt) + params.max_new_tokens) // self.cfg.block_size)
         if need > self.num_blocks:
             raise ValueError(
@@ -132,12 +133,12 @@ class Engine:
                                     max(self.num_blocks - len(s.blocks.free) for s in self.schedulers))
         finished, self.finished_ids = self.finished_ids, []
         if self.mesh is not None and self.mesh.par.world_size > 1:
-            msg = [{"tick": t, "plans": plans, "finished": finished}]
+            msg = [{"tick": t, "plans": plans, "finished": finished, "cycle": self.cycle}]
             dist.broadcast_object_list(msg, src=0, group=self.mesh.ctrl)
         self.sent[t] = plans
         tokens = self.worker.run_tick(t, plans[0], self.cycle, finished)
         if self.mesh is not None and self.mesh.par.world_size > 1:
-            tokens = _gather_tokens(self.mesh, tokens)
+            tokens = gather_to_rank0(self.mesh, tokens)
         self.tick += 1
         return self._apply(self.sent.pop(t - (self.pp - 1), None), tokens)
 
@@ -185,28 +186,17 @@ class Engine:
         self.finished_ids.append(req.id)
 
 
-def _gather_tokens(mesh, mine: dict[int, int]) -> dict[int, int]:
-    parts = [None] * mesh.par.world_size if mesh.rank == 0 else None
-    dist.gather_object(mine, parts, dst=0, group=mesh.ctrl)
-    merged = {}
-    for p in parts or []:
-        merged.update(p)
-    return merged
-
-
 def serve_worker(runtime, cfg: EngineConfig) -> StageWorker:
     """Every rank but 0: follow the leader's ticks until it says stop."""
     mesh = runtime.mesh
-    num_blocks = kv_blocks(runtime.model, cfg, mesh)
-    worker = StageWorker(runtime.model, KVCache.for_model(runtime.model, num_blocks, cfg.block_size), mesh)
-    cycle = max(cfg.micro_batches or mesh.par.pp, mesh.par.pp)
+    worker = stage_worker(runtime.model, cfg, mesh)
     while True:
         msg = [None]
         dist.broadcast_object_list(msg, src=0, group=mesh.ctrl)
         m = msg[0]
         if m.get("stop"):
             break
-        out = worker.run_tick(m["tick"], m["plans"][mesh.coord.dp], cycle, m["finished"])
-        _gather_tokens(mesh, out)
+        out = worker.run_tick(m["tick"], m["plans"][mesh.coord.dp], m["cycle"], m["finished"])
+        gather_to_rank0(mesh, out)
     worker.drain()
     return worker

@@ -13,6 +13,15 @@ from dataclasses import dataclass, field
 from ..sampling import SamplingParams
 
 
+def check_prompt(prompt: list[int], vocab_size: int) -> None:
+    """A prompt must have at least one token, all inside the vocabulary."""
+    if not prompt:
+        raise ValueError("a prompt needs at least one token")
+    bad = [t for t in prompt if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab_size - 1})")
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
