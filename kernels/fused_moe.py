@@ -73,11 +73,34 @@ def reference_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, *, expert_sta
     return _expert_loop(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start, torch.float32)
 
 
+# Slots per local expert below which the gather-GEMV path beats torch._grouped_mm on CPU
+# (measured on a 2-core AMD EPYC, fp32, H=128, F=256: 3.2x faster at 1 slot per expert,
+# 1.6x at 16, even at 32; see docs/perf.md).
+GEMV_MAX_SLOTS_PER_EXPERT = 24
+
+
+def _k_major(w_EnK: torch.Tensor):
+    """w as a table of reduction rows, ``[E * K, N]`` with rows contiguous, when its memory
+    is K-major (``w.transpose(1, 2)`` contiguous, the layout the model stores); else None."""
+    t = w_EnK.transpose(1, 2)
+    return t.reshape(-1, t.shape[2]) if t.is_contiguous() else None
+
+
+def _gather_gemv(x_NK: torch.Tensor, table_XN: torch.Tensor, e_N: torch.Tensor) -> torch.Tensor:
+    """Row n of the result is ``x[n] @ W[e[n]]`` where W[e] is rows ``[e*K, (e+1)*K)`` of the
+    table: one ``embedding_bag`` (sum, per-sample weights = x) streams each slot's expert rows
+    once, in parallel over slots, with no per-expert call and no weight copy."""
+    Kd = x_NK.shape[1]
+    rows_NK = e_N[:, None] * Kd + torch.arange(Kd, device=x_NK.device)
+    return torch.nn.functional.embedding_bag(rows_NK, table_XN, mode="sum", per_sample_weights=x_NK)
+
+
 def torch_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, *, expert_start=0):
-    """The fast PyTorch path (``impl="torch"``): the same sort as the reference, then one
-    ``torch._grouped_mm`` per projection over all local experts instead of a Python loop,
-    where the installed torch has it on this device for float32 (the CPU); else the
-    reference."""
+    """The fast PyTorch path (``impl="torch"``) on CPU float32: the reference's sort, then
+    - few slots per expert (decode) and K-major weights: each projection is one gather-GEMV
+      (``_gather_gemv``), which streams only the routed experts' weights at memory speed;
+    - otherwise one ``torch._grouped_mm`` per projection over all local experts.
+    Elsewhere (another device or dtype, or no ``_grouped_mm``) it is the reference."""
     grouped = getattr(torch, "_grouped_mm", None)
     if grouped is None or x_TH.device.type != "cpu" or x_TH.dtype != torch.float32 or x_TH.shape[0] == 0:
         return reference_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start=expert_start)
@@ -85,11 +108,19 @@ def torch_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, *, expert_start=0
     E, F = w13_EFH.shape[0], w13_EFH.shape[1] // 2
     K = ids_TK.shape[1]
     slots_N, counts_E = _slots_by_expert(ids_TK, expert_start, E)
-    ends_E = torch.cumsum(counts_E, 0).to(torch.int32)
     x_NH = x_TH[slots_N // K]
-    gate_up = grouped(x_NH, w13_EFH.transpose(1, 2), offs=ends_E)  # [N, 2F]
-    h_NF = torch.nn.functional.silu(gate_up[:, :F]) * gate_up[:, F:]
-    y_NH = grouped(h_NF, w2_EHF.transpose(1, 2), offs=ends_E) * weights_TK.reshape(-1)[slots_N][:, None]
+    w13_table, w2_table = _k_major(w13_EFH), _k_major(w2_EHF)
+    if w13_table is not None and w2_table is not None and slots_N.numel() < GEMV_MAX_SLOTS_PER_EXPERT * E:
+        e_N = ids_TK.reshape(-1)[slots_N].long() - expert_start
+        gate_up = _gather_gemv(x_NH, w13_table, e_N)  # [N, 2F]
+        h_NF = torch.nn.functional.silu(gate_up[:, :F]) * gate_up[:, F:]
+        y_NH = _gather_gemv(h_NF, w2_table, e_N)
+    else:
+        ends_E = torch.cumsum(counts_E, 0).to(torch.int32)
+        gate_up = grouped(x_NH, w13_EFH.transpose(1, 2), offs=ends_E)  # [N, 2F]
+        h_NF = torch.nn.functional.silu(gate_up[:, :F]) * gate_up[:, F:]
+        y_NH = grouped(h_NF, w2_EHF.transpose(1, 2), offs=ends_E)
+    y_NH = y_NH * weights_TK.reshape(-1)[slots_N][:, None]
     out_TH = torch.zeros((T, H), dtype=torch.float32, device=x_TH.device)
     out_TH.index_add_(0, slots_N // K, y_NH.float())
     return out_TH

@@ -39,10 +39,16 @@ class KVCache:
         self.k[layer].view(-1, *k_TND.shape[1:])[slot_T] = k_TND
         self.v[layer].view(-1, *v_TND.shape[1:])[slot_T] = v_TND
 
-    def read(self, layer: int, index_BL: torch.Tensor):
-        """K and V at the flat slots ``index_BL``: [B, L, N, D] each."""
-        k, v = self.k[layer], self.v[layer]
-        return k.view(-1, *k.shape[2:])[index_BL], v.view(-1, *v.shape[2:])[index_BL]
+    def read(self, layer: int, table_BT: torch.Tensor, length: int):
+        """K and V of positions ``[0, length)`` of each sequence, through its block table
+        ``table_BT`` (padded entries read some block; the attention mask hides them):
+        [B, length, N, D] each, gathered whole blocks at a time."""
+        B, nblk = table_BT.shape
+        flat = table_BT.reshape(-1)
+
+        def gather(c):
+            return c.index_select(0, flat).view(B, nblk * self.block_size, *c.shape[2:])[:, :length]
+        return gather(self.k[layer]), gather(self.v[layer])
 
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

@@ -1,5 +1,6 @@
-"""``impl="torch"``'s fast path (``torch._grouped_mm`` on CPU) equals the readable
-reference and a float64 computation, on fresh random inputs."""
+"""``impl="torch"``'s fast paths on CPU (the gather-GEMV for few slots per expert,
+``torch._grouped_mm`` otherwise) equal the readable reference and a float64 computation,
+on fresh random inputs, for both expert memory layouts."""
 import importlib
 
 import pytest
@@ -8,13 +9,26 @@ import torch
 fm = importlib.import_module("moerun.kernels.fused_moe")
 
 
+def experts(n, H, F, layout):
+    """w13 [n, 2F, H] and w2 [n, H, F]; "k_major" memory as the model stores them."""
+    if layout == "k_major":
+        return (torch.randn(n, H, 2 * F) * 0.2).transpose(1, 2), (torch.randn(n, F, H) * 0.2).transpose(1, 2)
+    return torch.randn(n, 2 * F, H) * 0.2, torch.randn(n, H, F) * 0.2
+
+
+@pytest.mark.parametrize("layout", ["standard", "k_major"])
+@pytest.mark.parametrize("path", ["gemv", "grouped"])
 @pytest.mark.parametrize("T, K, E, local", [(0, 2, 8, (0, 8)), (1, 2, 8, (0, 8)), (37, 3, 8, (0, 8)),
                                             (20, 8, 8, (0, 8)), (29, 2, 16, (4, 4))])
-def test_torch_path_equals_reference_and_float64(T, K, E, local):
+def test_torch_path_equals_reference_and_float64(T, K, E, local, path, layout, monkeypatch):
     start, n = local
     H, F = 24, 40
+    monkeypatch.setattr(fm, "GEMV_MAX_SLOTS_PER_EXPERT", 10**9 if path == "gemv" else 0)
+    gemv_calls = []
+    real = fm._gather_gemv
+    monkeypatch.setattr(fm, "_gather_gemv", lambda *a: gemv_calls.append(1) or real(*a))
     x = torch.randn(T, H)
-    w13, w2 = torch.randn(n, 2 * F, H) * 0.2, torch.randn(n, H, F) * 0.2
+    w13, w2 = experts(n, H, F, layout)
     weights = torch.rand(T, K)
     ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)]).to(torch.int32) if T else \
         torch.zeros(0, K, dtype=torch.int32)
@@ -28,6 +42,27 @@ def test_torch_path_equals_reference_and_float64(T, K, E, local):
                 gu = w13[e].double() @ x[t].double()
                 want[t] += weights[t, k].double() * (w2[e].double() @ (torch.nn.functional.silu(gu[:F]) * gu[F:]))
     assert out.shape == (T, H) and not out.isnan().any()
+    # the gather-GEMV runs exactly when asked for, on K-major weights, with tokens
+    assert bool(gemv_calls) == (T > 0 and path == "gemv" and layout == "k_major")
     if T:
         assert (out - ref).abs().max().item() <= 1e-5
         assert (out.double() - want).abs().max().item() <= 1e-4
+
+
+def test_gather_gemv_rows_are_per_slot_expert_products():
+    """Row n is x[n] @ W[e[n]] (W[e] = the table's rows [e*K, (e+1)*K)), repeats included."""
+    E, Kd, N = 5, 12, 9
+    table = torch.randn(E * Kd, 7)
+    x = torch.randn(N, Kd)
+    e = torch.tensor([4, 0, 0, 2, 4, 4, 1, 3, 2])
+    want = torch.stack([x[n].double() @ table[e[n] * Kd:(e[n] + 1) * Kd].double() for n in range(N)])
+    assert (fm._gather_gemv(x, table, e).double() - want).abs().max().item() <= 1e-5
+
+
+def test_model_stores_experts_k_major():
+    """The model's expert parameters have the memory the gather-GEMV reads."""
+    from moerun.runner import build_model
+    m = build_model("tiny", layers=range(1), seed=0)
+    moe = m.layers[0].mlp
+    assert moe.w13.shape[1:] == (2 * m.cfg.moe_ffn, m.cfg.hidden_size)
+    assert fm._k_major(moe.w13) is not None and fm._k_major(moe.w2) is not None

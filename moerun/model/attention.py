@@ -25,7 +25,7 @@ from .layers import Linear, RMSNorm, apply_rope
 class AttnMeta:
     slot_T: torch.Tensor  # flat KV cache slot each new token is written to
     pos_T: torch.Tensor  # position of each new token
-    kv_index_BL: torch.Tensor  # flat KV cache slots each sequence reads, positions [0, L)
+    table_BT: torch.Tensor  # each sequence's block table, padded with block 0 (masked)
     pad_index_T: torch.Tensor  # where each token sits in the flat [B * Nq] query block
     starts: list[int]
     lens: list[int]
@@ -41,19 +41,18 @@ class AttnMeta:
         B = len(lens)
         max_new = max(lens, default=0)
         max_len = max((s + n for s, n in zip(starts, lens)), default=0)
-        nblk = max((len(t) for t in block_tables), default=0)
-        table = torch.zeros(B, max(nblk, 1), dtype=torch.long)
+        nblk = max(-(-max_len // block_size), 1)  # the blocks that hold positions [0, max_len)
+        table = torch.zeros(B, nblk, dtype=torch.long)
         for b, t in enumerate(block_tables):
+            t = t[:nblk]
             table[b, : len(t)] = torch.tensor(t, dtype=torch.long)
-        pos = torch.arange(max_len)
-        kv_index = table[:, pos // block_size] * block_size + pos % block_size  # [B, L]
         pos_T = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)]) if B else \
             torch.zeros(0, dtype=torch.long)
         seq_T = torch.repeat_interleave(torch.arange(B), torch.tensor(lens, dtype=torch.long))
-        slot_T = kv_index[seq_T, pos_T] if B else pos_T
+        slot_T = table[seq_T, pos_T // block_size] * block_size + pos_T % block_size if B else pos_T
         pad_T = seq_T * max_new + (pos_T - torch.tensor(starts, dtype=torch.long)[seq_T] if B else pos_T)
         dev = lambda t: t.to(device)  # noqa: E731
-        return AttnMeta(dev(slot_T), dev(pos_T), dev(kv_index), dev(pad_T), list(starts), list(lens),
+        return AttnMeta(dev(slot_T), dev(pos_T), dev(table), dev(pad_T), list(starts), list(lens),
                         max_new, max_len)
 
     def mask(self, window: int) -> torch.Tensor:
@@ -127,7 +126,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos_TD, sin_TD), apply_rope(k, cos_TD, sin_TD)
         cache.write(layer, meta.slot_T, k, v)
-        k_BLND, v_BLND = cache.read(layer, meta.kv_index_BL)
+        k_BLND, v_BLND = cache.read(layer, meta.table_BT, meta.max_len)
         B = len(meta.lens)
         q_pad = q.new_zeros(B * meta.max_new, self.num_heads, D)
         q_pad[meta.pad_index_T] = q

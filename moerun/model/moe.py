@@ -2,9 +2,12 @@
 seam where expert parallelism's all-to-all sits. Also the dense SwiGLU MLP (Qwen's
 ``mlp_only_layers``) and Qwen2-MoE's gated shared expert.
 
-Experts are stored as ``w13 [E_local, 2F, H]`` (gate rows, then up rows) and
-``w2 [E_local, H, F]`` (down), the layout the fused Triton kernel reads. This rank
-holds experts ``[expert_start, expert_start + E_local)``.
+Experts are the parameters ``w13 [E_local, 2F, H]`` (gate rows, then up rows) and
+``w2 [E_local, H, F]`` (down), the shapes the fused kernels take. Their memory is K-major
+(``w13.transpose(1, 2)`` is a contiguous ``[E_local, H, 2F]``, ``w2``'s is ``[E_local, F, H]``):
+the CPU path streams an expert's reduction rows as one table (``fused_moe``'s gather-GEMV),
+and the Triton kernels read any strides. This rank holds experts
+``[expert_start, expert_start + E_local)``.
 
 The block runs on this TP rank's share of the tokens (see ``moerun.comm``), so the
 router, the shared expert and the dense MLP are replicated, not TP-split.
@@ -53,8 +56,8 @@ class MoE(nn.Module):
         self.num_local = E // comm.ep_size
         self.expert_start = comm.ep_rank * self.num_local
         self.gate = Linear(H, E, dtype=dtype)  # the router, replicated
-        self.w13 = nn.Parameter(torch.empty(self.num_local, 2 * Fw, H, dtype=dtype))
-        self.w2 = nn.Parameter(torch.empty(self.num_local, H, Fw, dtype=dtype))
+        self.w13 = nn.Parameter(torch.empty(self.num_local, H, 2 * Fw, dtype=dtype).transpose(1, 2))
+        self.w2 = nn.Parameter(torch.empty(self.num_local, Fw, H, dtype=dtype).transpose(1, 2))
         self.shared_expert = DenseMLP(H, cfg.shared_expert_ffn, dtype) if cfg.shared_expert_ffn else None
         self.shared_expert_gate = Linear(H, 1, dtype=dtype) if cfg.shared_expert_ffn else None
 
