@@ -31,6 +31,7 @@ class AttnMeta:
     lens: list[int]
     max_new: int
     max_len: int
+    uniform: bool  # every sequence has max_new new tokens: the query block needs no padding
     _masks: dict = field(default_factory=dict)
 
     @staticmethod
@@ -53,7 +54,7 @@ class AttnMeta:
         pad_T = seq_T * max_new + (pos_T - torch.tensor(starts, dtype=torch.long)[seq_T] if B else pos_T)
         dev = lambda t: t.to(device)  # noqa: E731
         return AttnMeta(dev(slot_T), dev(pos_T), dev(table), dev(pad_T), list(starts), list(lens),
-                        max_new, max_len)
+                        max_new, max_len, all(n == max_new for n in lens))
 
     def mask(self, window: int) -> torch.Tensor:
         """[B, 1, Nq, L] bool, True = may attend: causal, within the sequence, in the window."""
@@ -128,15 +129,18 @@ class Attention(nn.Module):
         cache.write(layer, meta.slot_T, k, v)
         k_BLND, v_BLND = cache.read(layer, meta.table_BT, meta.max_len)
         B = len(meta.lens)
-        q_pad = q.new_zeros(B * meta.max_new, self.num_heads, D)
-        q_pad[meta.pad_index_T] = q
+        if meta.uniform:  # every sequence has max_new new tokens (e.g. all decode): no padding
+            q_pad = q
+        else:
+            q_pad = q.new_zeros(B * meta.max_new, self.num_heads, D)
+            q_pad[meta.pad_index_T] = q
         out = F.scaled_dot_product_attention(
             q_pad.view(B, meta.max_new, self.num_heads, D).transpose(1, 2),
             k_BLND.transpose(1, 2), v_BLND.transpose(1, 2),
             attn_mask=meta.mask(self.window), enable_gqa=self.num_heads != self.num_kv_heads,
         )  # [B, N, Nq, D]
-        out = out.transpose(1, 2).reshape(B * meta.max_new, self.num_heads * D)[meta.pad_index_T]
-        return self.o_proj(out)
+        out = out.transpose(1, 2).reshape(B * meta.max_new, self.num_heads * D)
+        return self.o_proj(out if meta.uniform else out[meta.pad_index_T])
 
     def specs(self, prefix: str) -> list[TensorSpec]:
         s = self.q_proj.specs(f"{prefix}.q_proj") + self.k_proj.specs(f"{prefix}.k_proj")
