@@ -95,12 +95,15 @@ def _gather_gemv(x_NK: torch.Tensor, table_XN: torch.Tensor, e_N: torch.Tensor) 
     return torch.nn.functional.embedding_bag(rows_NK, table_XN, mode="sum", per_sample_weights=x_NK)
 
 
-def torch_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, *, expert_start=0):
+def torch_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, *, expert_start=0, path=None):
     """The fast PyTorch path (``impl="torch"``) on CPU float32: the reference's sort, then
     - few slots per expert (decode) and K-major weights: each projection is one gather-GEMV
       (``_gather_gemv``), which streams only the routed experts' weights at memory speed;
     - otherwise one ``torch._grouped_mm`` per projection over all local experts.
+    ``path`` = "gemv" or "grouped" forces one (benchmarks; "gemv" needs K-major weights).
     Elsewhere (another device or dtype, or no ``_grouped_mm``) it is the reference."""
+    if path not in (None, "gemv", "grouped"):
+        raise ValueError(f"path={path!r}: use None (choose by slots per expert), 'gemv' or 'grouped'")
     grouped = getattr(torch, "_grouped_mm", None)
     if grouped is None or x_TH.device.type != "cpu" or x_TH.dtype != torch.float32 or x_TH.shape[0] == 0:
         return reference_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start=expert_start)
@@ -110,7 +113,10 @@ def torch_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, *, expert_start=0
     slots_N, counts_E = _slots_by_expert(ids_TK, expert_start, E)
     x_NH = x_TH[slots_N // K]
     w13_table, w2_table = _k_major(w13_EFH), _k_major(w2_EHF)
-    if w13_table is not None and w2_table is not None and slots_N.numel() < GEMV_MAX_SLOTS_PER_EXPERT * E:
+    k_major = w13_table is not None and w2_table is not None
+    if path == "gemv" and not k_major:
+        raise ValueError("path='gemv' needs K-major experts: w13.transpose(1, 2) and w2.transpose(1, 2) contiguous")
+    if path == "gemv" or (path is None and k_major and slots_N.numel() < GEMV_MAX_SLOTS_PER_EXPERT * E):
         e_N = ids_TK.reshape(-1)[slots_N].long() - expert_start
         gate_up = _gather_gemv(x_NH, w13_table, e_N)  # [N, 2F]
         h_NF = torch.nn.functional.silu(gate_up[:, :F]) * gate_up[:, F:]

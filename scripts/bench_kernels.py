@@ -2,8 +2,16 @@
 
     python scripts/bench_kernels.py            # seed-30b expert shapes, T = 1 .. 16384
     python scripts/bench_kernels.py --quick    # a few token counts, EP 1 and 8
+    python scripts/bench_kernels.py --cpu      # the CPU table (also what runs without a GPU)
 
-Needs a CUDA GPU; without one it says so and exits 0. Shapes: E = 64 experts, H = 1024,
+CPU (no CUDA GPU, or --cpu): the torch paths of ``fused_moe`` in float32 on the ``tiny``
+preset's expert shapes (E = 64, H = 128, F = 256, top-2): the per-expert loop,
+``torch._grouped_mm``, the gather-GEMV, and the automatic choice, over a stack of 16
+layers' experts (as in a forward pass, so weights come from memory, not cache), next to the
+memory bandwidth this CPU reaches streaming the same bytes (a sum over them), all timed
+with perf_counter in this run (median of --iters passes over the 16 layers).
+
+GPU: E = 64 experts, H = 1024,
 F = 9472, top-2, bf16. EP = 1: T tokens routed top-2 over the 64 experts. EP in {4, 8, 16}:
 what one rank computes after the dispatch all-to-all when the EP group serves T tokens:
 ceil(2T / EP) received rows, each for one of its E/EP local experts (top-1, weight 1), which
@@ -23,6 +31,7 @@ import argparse
 import datetime
 import os
 import sys
+import time
 
 import torch
 
@@ -63,10 +72,11 @@ def copy_peak_gbps(iters: int, nbytes: int = 1 << 30) -> float:
 
 
 def make_problem(T, E, E_local, H, F, k, dtype, device):
-    """T rows routed top-k over E experts, of which the first E_local are this rank's."""
+    """T rows routed top-k over E experts, of which the first E_local are this rank's.
+    The experts are K-major in memory, as the model stores them (moerun.model.moe)."""
     x_TH = torch.randn(T, H, device=device, dtype=dtype)
-    w13_EFH = torch.randn(E_local, 2 * F, H, device=device, dtype=dtype) / H**0.5
-    w2_EHF = torch.randn(E_local, H, F, device=device, dtype=dtype) / F**0.5
+    w13_EFH = (torch.randn(E_local, H, 2 * F, device=device, dtype=dtype) / H**0.5).transpose(1, 2)
+    w2_EHF = (torch.randn(E_local, F, H, device=device, dtype=dtype) / F**0.5).transpose(1, 2)
     ids_TK = torch.topk(torch.rand(T, E, device=device), k, dim=1).indices.to(torch.int32)
     weights_TK = torch.softmax(torch.randn(T, k, device=device), dim=1)
     return x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK
@@ -105,6 +115,58 @@ def work(x_TH, w13_EFH, ids_TK):
     return slots, flops, nbytes
 
 
+def cpu_time_ms(fn, iters: int) -> float:
+    fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def cpu_main(args) -> int:
+    """The CPU table: fused_moe's torch paths on the tiny preset's shapes (module docstring)."""
+    import importlib
+    fm = importlib.import_module(fused_moe.__module__)
+    E, H, F, k, layers = 64, 128, 256, 2, 16
+    tokens = args.tokens or ([1, 32, 512] if args.quick else [1, 8, 32, 128, 512, 2048])
+    iters = 3 if args.quick else min(args.iters, 7)
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+               "unknown cpu")
+    stack = [make_problem(1, E, E, H, F, k, torch.float32, "cpu")[1:3] for _ in range(layers)]
+    weight_bytes = sum(w.numel() * 4 for ws in stack for w in ws)
+    flat = [w.transpose(1, 2).contiguous().view(-1) for ws in stack for w in ws]
+    stream_gbps = weight_bytes / cpu_time_ms(lambda: [f.sum() for f in flat], iters) / 1e6
+    print(f"# fused MoE torch paths, measured on cpu ({cpu}, {torch.get_num_threads()} threads), "
+          f"{datetime.date.today()}, torch {torch.__version__}")
+    print(f"# E={E} H={H} F={F} top-{k} float32, {layers} layers' experts ({weight_bytes / 2**20:.0f} MiB); "
+          f"streaming them (a sum) measured {stream_gbps:.1f} GB/s")
+    print("# ms = one pass over the 16 layers; GB/s = bytes of the experts that got a slot / time")
+    impls = {"torch loop (per expert)": lambda x, w13, w2, w, ids: reference_moe_loop(x, w13, w2, w, ids),
+             "torch._grouped_mm": lambda *a: fm.torch_fused_moe(*a, path="grouped"),
+             "gather-GEMV": lambda *a: fm.torch_fused_moe(*a, path="gemv"),
+             "fused_moe impl=torch (auto)": lambda *a: fused_moe(*a, impl="torch")}
+    cols = ("T", "slots/expert", "impl", "ms (16 layers)", "GB/s", "% of stream", "vs loop", "max_rel_err")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for T in tokens:
+        x, _, _, w, ids = make_problem(T, E, E, H, F, k, torch.float32, "cpu")
+        touched = int(torch.unique(ids).numel())
+        nbytes = layers * touched * 3 * H * F * 4
+        ref = reference_moe_loop(x, *stack[0], w, ids)
+        base = None
+        for label, fn in impls.items():
+            ms = cpu_time_ms(lambda: [fn(x, w13, w2, w, ids) for w13, w2 in stack], iters)
+            base = base or ms
+            err = (fn(x, *stack[0], w, ids) - ref).abs().max() / ref.abs().max().clamp_min(1e-6)
+            gb = nbytes / ms / 1e6
+            print(f"| {T} | {T * k / E:.2f} | {label} | {ms:.2f} | {gb:.1f} | {100 * gb / stream_gbps:.0f}% | "
+                  f"{base / ms:.2f}x | {err.item():.1e} |")
+    print(f"# all figures measured on cpu ({cpu}); max_rel_err is vs the per-expert loop")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="T in {1, 64, 1024, 8192}, EP 1 and 8")
@@ -112,10 +174,12 @@ def main(argv=None) -> int:
     p.add_argument("--ep", type=int, nargs="*", help="EP sizes (default 1 4 8 16)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-loop", action="store_true", help="skip the per-expert loop baseline")
+    p.add_argument("--cpu", action="store_true", help="the CPU table even when a GPU is visible")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_kernels.py needs a CUDA GPU and none is visible; nothing was measured.")
-        return 0
+    if args.cpu or not torch.cuda.is_available():
+        if not args.cpu:
+            print("# no CUDA GPU visible: the GPU table was not measured; running the CPU table")
+        return cpu_main(args)
     E, H, F, k, dtype = 64, 1024, 9472, 2, torch.bfloat16
     tokens = args.tokens or ([1, 64, 1024, 8192] if args.quick else [2**i for i in range(15)])
     eps = args.ep or ([1, 8] if args.quick else [1, 4, 8, 16])

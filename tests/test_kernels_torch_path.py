@@ -16,14 +16,13 @@ def experts(n, H, F, layout):
     return torch.randn(n, 2 * F, H) * 0.2, torch.randn(n, H, F) * 0.2
 
 
-@pytest.mark.parametrize("layout", ["standard", "k_major"])
-@pytest.mark.parametrize("path", ["gemv", "grouped"])
+@pytest.mark.parametrize("layout, path", [("standard", None), ("standard", "grouped"), ("k_major", None),
+                                          ("k_major", "gemv"), ("k_major", "grouped")])
 @pytest.mark.parametrize("T, K, E, local", [(0, 2, 8, (0, 8)), (1, 2, 8, (0, 8)), (37, 3, 8, (0, 8)),
                                             (20, 8, 8, (0, 8)), (29, 2, 16, (4, 4))])
 def test_torch_path_equals_reference_and_float64(T, K, E, local, path, layout, monkeypatch):
     start, n = local
     H, F = 24, 40
-    monkeypatch.setattr(fm, "GEMV_MAX_SLOTS_PER_EXPERT", 10**9 if path == "gemv" else 0)
     gemv_calls = []
     real = fm._gather_gemv
     monkeypatch.setattr(fm, "_gather_gemv", lambda *a: gemv_calls.append(1) or real(*a))
@@ -32,7 +31,7 @@ def test_torch_path_equals_reference_and_float64(T, K, E, local, path, layout, m
     weights = torch.rand(T, K)
     ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)]).to(torch.int32) if T else \
         torch.zeros(0, K, dtype=torch.int32)
-    out = fm.torch_fused_moe(x, w13, w2, weights, ids, expert_start=start)
+    out = fm.torch_fused_moe(x, w13, w2, weights, ids, expert_start=start, path=path)
     ref = fm.reference_fused_moe(x, w13, w2, weights, ids, expert_start=start)
     want = torch.zeros(T, H, dtype=torch.float64)
     for t in range(T):
@@ -42,11 +41,39 @@ def test_torch_path_equals_reference_and_float64(T, K, E, local, path, layout, m
                 gu = w13[e].double() @ x[t].double()
                 want[t] += weights[t, k].double() * (w2[e].double() @ (torch.nn.functional.silu(gu[:F]) * gu[F:]))
     assert out.shape == (T, H) and not out.isnan().any()
-    # the gather-GEMV runs exactly when asked for, on K-major weights, with tokens
-    assert bool(gemv_calls) == (T > 0 and path == "gemv" and layout == "k_major")
+    # the gather-GEMV runs on K-major weights with tokens, unless grouped_mm is asked for
+    # (every case here has fewer slots per expert than GEMV_MAX_SLOTS_PER_EXPERT)
+    assert bool(gemv_calls) == (T > 0 and layout == "k_major" and path != "grouped")
     if T:
         assert (out - ref).abs().max().item() <= 1e-5
         assert (out.double() - want).abs().max().item() <= 1e-4
+
+
+def test_auto_choice_follows_slots_per_expert(monkeypatch):
+    """Few slots per expert: gather-GEMV; many (a long prefill): grouped_mm."""
+    calls = []
+    real = fm._gather_gemv
+    monkeypatch.setattr(fm, "_gather_gemv", lambda *a: calls.append(1) or real(*a))
+    E, K, H, F = 4, 2, 8, 16
+    w13, w2 = experts(E, H, F, "k_major")
+    for T, gemv in ((1, True), (fm.GEMV_MAX_SLOTS_PER_EXPERT * E // K - 1, True),
+                    (fm.GEMV_MAX_SLOTS_PER_EXPERT * E // K, False)):
+        calls.clear()
+        ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)]).to(torch.int32)
+        x, w = torch.randn(T, H), torch.rand(T, K)
+        out = fm.torch_fused_moe(x, w13, w2, w, ids)
+        assert bool(calls) == gemv, T
+        assert (out - fm.reference_fused_moe(x, w13, w2, w, ids)).abs().max().item() <= 1e-5
+
+
+def test_bad_path_is_refused():
+    x, w = torch.randn(3, 8), torch.rand(3, 2)
+    ids = torch.tensor([[0, 1], [1, 2], [2, 3]], dtype=torch.int32)
+    w13, w2 = experts(4, 8, 16, "standard")
+    with pytest.raises(ValueError, match="K-major"):
+        fm.torch_fused_moe(x, w13, w2, w, ids, path="gemv")
+    with pytest.raises(ValueError, match="path='fast'"):
+        fm.torch_fused_moe(x, w13, w2, w, ids, path="fast")
 
 
 def test_gather_gemv_rows_are_per_slot_expert_products():

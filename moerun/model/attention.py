@@ -18,7 +18,7 @@ from torch import nn
 from ..comm import Comm
 from ..config import ModelConfig
 from ..weights_spec import TensorSpec
-from .layers import Linear, RMSNorm, apply_rope
+from .layers import FusedLinear, Linear, RMSNorm, apply_rope
 
 
 @dataclass
@@ -88,9 +88,9 @@ class Attention(nn.Module):
         kv_part = range(kv0 * D, (kv0 + self.num_kv_heads) * D)
         H, Q, KV = cfg.hidden_size, cfg.num_heads * D, cfg.num_kv_heads * D
         self.q_part, self.kv_part = q_part, kv_part
-        self.q_proj = Linear(H, Q, bias=cfg.qkv_bias, out_part=q_part, dtype=dtype)
-        self.k_proj = Linear(H, KV, bias=cfg.qkv_bias, out_part=kv_part, dtype=dtype)
-        self.v_proj = Linear(H, KV, bias=cfg.qkv_bias, out_part=kv_part, dtype=dtype)
+        # q, k and v in one matmul; the checkpoint's q_proj / k_proj / v_proj fill its rows
+        self.qkv_proj = FusedLinear(H, [("q_proj", Q, q_part), ("k_proj", KV, kv_part), ("v_proj", KV, kv_part)],
+                                    bias=cfg.qkv_bias, dtype=dtype)
         self.o_proj = Linear(Q, H, bias=cfg.o_bias, in_part=q_part, add_bias=r == 0, dtype=dtype)
         if cfg.qk_norm == "full":
             self.q_norm = RMSNorm(len(q_part), cfg.rms_norm_eps, dtype)
@@ -114,7 +114,7 @@ class Attention(nn.Module):
         cfg, T, D = self.cfg, x_TH.shape[0], self.cfg.head_dim
         if T == 0:  # an idle DP replica still runs the layer for the MoE all-to-alls
             return x_TH.new_zeros(0, cfg.hidden_size)
-        q, k, v = self.q_proj(x_TH), self.k_proj(x_TH), self.v_proj(x_TH)
+        q, k, v = self.qkv_proj(x_TH)
         if cfg.qk_norm == "full":
             q = self.q_norm(q, self._full_norm_stats(1, cfg.num_heads * D))
             k = self.k_norm(k, self._full_norm_stats(self.kv_replicas, cfg.num_kv_heads * D))
@@ -143,8 +143,7 @@ class Attention(nn.Module):
         return self.o_proj(out if meta.uniform else out[meta.pad_index_T])
 
     def specs(self, prefix: str) -> list[TensorSpec]:
-        s = self.q_proj.specs(f"{prefix}.q_proj") + self.k_proj.specs(f"{prefix}.k_proj")
-        s += self.v_proj.specs(f"{prefix}.v_proj") + self.o_proj.specs(f"{prefix}.o_proj")
+        s = self.qkv_proj.specs(prefix) + self.o_proj.specs(f"{prefix}.o_proj")
         cfg, D = self.cfg, self.cfg.head_dim
         if cfg.qk_norm == "full":
             s += self.q_norm.specs(f"{prefix}.q_norm.weight", cfg.num_heads * D, self.q_part)

@@ -83,6 +83,34 @@ class Linear(nn.Module):
         return out
 
 
+class FusedLinear(nn.Module):
+    """Several column-parallel projections of one input as one matmul (q, k and v): the
+    weight stacks rows ``part`` of each named full tensor; ``forward`` returns the pieces.
+
+        FusedLinear(H, [("q_proj", Q, q_part), ("k_proj", KV, kv_part), ...], bias=False)
+    """
+
+    def __init__(self, in_full: int, outs: list[tuple[str, int, range]], *, bias: bool = False, dtype=None):
+        super().__init__()
+        self.in_full, self.outs = in_full, outs
+        self.sizes = [len(part) for _, _, part in outs]
+        self.weight = nn.Parameter(torch.empty(sum(self.sizes), in_full, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(sum(self.sizes), dtype=dtype)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+    def specs(self, prefix: str) -> list[TensorSpec]:
+        out, row = [], 0
+        for (name, full, part), n in zip(self.outs, self.sizes):
+            out.append(TensorSpec(f"{prefix}.{name}.weight", (full, self.in_full), self.weight[row:row + n],
+                                  rows(part)))
+            if self.bias is not None:
+                out.append(TensorSpec(f"{prefix}.{name}.bias", (full,), self.bias[row:row + n], rows(part)))
+            row += n
+        return out
+
+
 def vocab_part(vocab_size: int, comm: Comm) -> range:
     per = -(-vocab_size // comm.tp_size)
     start = min(comm.tp_rank * per, vocab_size)
