@@ -73,9 +73,9 @@ def reference_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, *, expert_sta
     return _expert_loop(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start, torch.float32)
 
 
-# Slots per local expert below which the gather-GEMV path beats torch._grouped_mm on CPU
-# (measured on a 2-core AMD EPYC, fp32, H=128, F=256: 3.2x faster at 1 slot per expert,
-# 1.6x at 16, even at 32; see docs/perf.md).
+# Slots per local expert below which the gather-GEMV path is used on CPU: against
+# torch._grouped_mm it measured 2.5x faster at 1 slot per expert, level at 16 and 0.64x at 64
+# (2-core AMD EPYC, fp32, E=64 H=128 F=256; `python scripts/bench_kernels.py --cpu`, docs/perf.md).
 GEMV_MAX_SLOTS_PER_EXPERT = 24
 
 

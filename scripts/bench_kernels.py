@@ -143,7 +143,7 @@ def cpu_main(args) -> int:
     print(f"# E={E} H={H} F={F} top-{k} float32, {layers} layers' experts ({weight_bytes / 2**20:.0f} MiB); "
           f"streaming them (a sum) measured {stream_gbps:.1f} GB/s")
     print("# ms = one pass over the 16 layers; GB/s = bytes of the experts that got a slot / time")
-    impls = {"torch loop (per expert)": lambda x, w13, w2, w, ids: reference_moe_loop(x, w13, w2, w, ids),
+    impls = {"torch loop (per expert)": reference_moe_loop,
              "torch._grouped_mm": lambda *a: fm.torch_fused_moe(*a, path="grouped"),
              "gather-GEMV": lambda *a: fm.torch_fused_moe(*a, path="gemv"),
              "fused_moe impl=torch (auto)": lambda *a: fused_moe(*a, impl="torch")}
