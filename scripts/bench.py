@@ -162,6 +162,7 @@ def offline(args, model) -> dict:
         wall = statistics.median(secs)
         res[name] = {"wall_s": wall, "runs_s": secs, "tokens": n, "tokens_per_s": n / wall}
     res["ratio"] = res["moerun"]["tokens_per_s"] / res["transformers"]["tokens_per_s"]
+    res["ratio_per_pair"] = [r / m for m, r in zip(ours_s, ref_s)]  # each run beside the one after it
     return res
 
 
@@ -175,7 +176,8 @@ def print_offline(res: dict) -> None:
           f"{res['new_tokens']} new tokens, one batch, greedy, fp32 ==")
     print(f"   {measured(torch.get_num_threads())}; wall = median of {res['repeats']} run(s)")
     print(table(["engine", "wall s", "each run s", "generated tokens", "tokens/s"], rows))
-    print(f"moerun / transformers (tokens/s): {res['ratio']:.2f}x")
+    print(f"moerun / transformers (tokens/s): {res['ratio']:.2f}x (medians); run by run: "
+          + ", ".join(f"{r:.2f}x" for r in res["ratio_per_pair"]))
     print(f"transformers experts implementation: {res['transformers_experts_implementation']}")
     print(f"greedy outputs identical: {res['greedy_agree']} of {res['prompts']} prompts")
     for line in res["mismatches"]:
