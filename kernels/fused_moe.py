@@ -34,12 +34,14 @@ from .align import moe_align
 
 
 def _slots_by_expert(ids_TK, expert_start: int, num_local: int):
-    """Token-slots (s = t * K + k) routed to a local expert, sorted by expert (stable), and
-    the number of slots of each local expert: (slots_N, counts_E)."""
+    """Token-slots (s = t * K + k) routed to a local expert, sorted by expert (stable), the
+    local expert of each and the number of slots of each local expert:
+    (slots_N, experts_N, counts_E)."""
     local_S = ids_TK.reshape(-1).long() - expert_start
     slots_N = torch.nonzero((local_S >= 0) & (local_S < num_local), as_tuple=True)[0]
     slots_N = slots_N[torch.argsort(local_S[slots_N], stable=True)]
-    return slots_N, torch.bincount(local_S[slots_N], minlength=num_local)
+    experts_N = local_S[slots_N]
+    return slots_N, experts_N, torch.bincount(experts_N, minlength=num_local)
 
 
 def _expert_loop(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start, compute_dtype):
@@ -48,7 +50,7 @@ def _expert_loop(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start, comput
     T, H = x_TH.shape
     E, F = w13_EFH.shape[0], w13_EFH.shape[1] // 2
     K = ids_TK.shape[1]
-    slots_N, counts_E = _slots_by_expert(ids_TK, expert_start, E)
+    slots_N, _, counts_E = _slots_by_expert(ids_TK, expert_start, E)
     counts = counts_E.tolist()
     x_NH = x_TH[slots_N // K].to(compute_dtype)
     y_NH = torch.empty((slots_N.numel(), H), dtype=torch.float32, device=x_TH.device)
@@ -100,24 +102,25 @@ def torch_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, *, expert_start=0
     - few slots per expert (decode) and K-major weights: each projection is one gather-GEMV
       (``_gather_gemv``), which streams only the routed experts' weights at memory speed;
     - otherwise one ``torch._grouped_mm`` per projection over all local experts.
-    ``path`` = "gemv" or "grouped" forces one (benchmarks; "gemv" needs K-major weights).
-    Elsewhere (another device or dtype, or no ``_grouped_mm``) it is the reference."""
+    Elsewhere (another device or dtype, or no ``_grouped_mm``) it is the reference.
+    ``path`` = "gemv" or "grouped" forces one (benchmarks): "gemv" needs K-major weights,
+    "grouped" runs wherever the installed torch has ``_grouped_mm`` (e.g. bf16 on a GPU)."""
     if path not in (None, "gemv", "grouped"):
         raise ValueError(f"path={path!r}: use None (choose by slots per expert), 'gemv' or 'grouped'")
     grouped = getattr(torch, "_grouped_mm", None)
-    if grouped is None or x_TH.device.type != "cpu" or x_TH.dtype != torch.float32 or x_TH.shape[0] == 0:
+    cpu_f32 = x_TH.device.type == "cpu" and x_TH.dtype == torch.float32
+    if grouped is None or x_TH.shape[0] == 0 or not (cpu_f32 or path == "grouped"):
         return reference_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start=expert_start)
     T, H = x_TH.shape
     E, F = w13_EFH.shape[0], w13_EFH.shape[1] // 2
     K = ids_TK.shape[1]
-    slots_N, counts_E = _slots_by_expert(ids_TK, expert_start, E)
+    slots_N, e_N, counts_E = _slots_by_expert(ids_TK, expert_start, E)
     x_NH = x_TH[slots_N // K]
     w13_table, w2_table = _k_major(w13_EFH), _k_major(w2_EHF)
     k_major = w13_table is not None and w2_table is not None
     if path == "gemv" and not k_major:
         raise ValueError("path='gemv' needs K-major experts: w13.transpose(1, 2) and w2.transpose(1, 2) contiguous")
     if path == "gemv" or (path is None and k_major and slots_N.numel() < GEMV_MAX_SLOTS_PER_EXPERT * E):
-        e_N = ids_TK.reshape(-1)[slots_N].long() - expert_start
         gate_up = _gather_gemv(x_NH, w13_table, e_N)  # [N, 2F]
         h_NF = torch.nn.functional.silu(gate_up[:, :F]) * gate_up[:, F:]
         y_NH = _gather_gemv(h_NF, w2_table, e_N)
@@ -126,10 +129,10 @@ def torch_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, *, expert_start=0
         gate_up = grouped(x_NH, w13_EFH.transpose(1, 2), offs=ends_E)  # [N, 2F]
         h_NF = torch.nn.functional.silu(gate_up[:, :F]) * gate_up[:, F:]
         y_NH = grouped(h_NF, w2_EHF.transpose(1, 2), offs=ends_E)
-    y_NH = y_NH * weights_TK.reshape(-1)[slots_N][:, None]
+    y_NH = y_NH.float() * weights_TK.reshape(-1)[slots_N][:, None]
     out_TH = torch.zeros((T, H), dtype=torch.float32, device=x_TH.device)
-    out_TH.index_add_(0, slots_N // K, y_NH.float())
-    return out_TH
+    out_TH.index_add_(0, slots_N // K, y_NH)
+    return out_TH.to(x_TH.dtype)
 
 
 def reference_moe_loop(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, *, expert_start=0):

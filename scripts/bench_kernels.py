@@ -38,8 +38,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 try:
     from moerun.kernels import fused_moe, reference_moe_loop
+    from moerun.kernels.fused_moe import torch_fused_moe
 except ImportError:  # run from a checkout without `pip install -e .`
     from kernels import fused_moe, reference_moe_loop
+    from kernels.fused_moe import torch_fused_moe
 
 
 def time_ms(fn, iters: int, warmup: int = 3) -> float:
@@ -82,26 +84,6 @@ def make_problem(T, E, E_local, H, F, k, dtype, device):
     return x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK
 
 
-def grouped_mm_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK):
-    """The same layer with torch._grouped_mm: sort slots by expert, two grouped GEMMs."""
-    E, F = w13_EFH.shape[0], w13_EFH.shape[1] // 2
-    K = ids_TK.shape[1]
-    ids_S = ids_TK.reshape(-1).long()
-    local_S = ids_S < E  # rank 0's slice: experts [0, E)
-    order = torch.argsort(torch.where(local_S, ids_S, E), stable=True)
-    counts_E = torch.bincount(ids_S[local_S], minlength=E)
-    order = order[: int(counts_E.sum())]
-    offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
-    x_NH = x_TH[order // K]
-    gu_N2F = torch._grouped_mm(x_NH, w13_EFH.transpose(1, 2), offs=offs_E)
-    h_NF = torch.nn.functional.silu(gu_N2F[:, :F]) * gu_N2F[:, F:]
-    y_NH = torch._grouped_mm(h_NF, w2_EHF.transpose(1, 2), offs=offs_E)
-    y_NH = y_NH.float() * weights_TK.reshape(-1)[order, None]
-    out_TH = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
-    out_TH.index_add_(0, order // K, y_NH)
-    return out_TH.to(x_TH.dtype)
-
-
 def work(x_TH, w13_EFH, ids_TK):
     """(local slots, FLOPs, minimum bytes) of one call."""
     E, F2, H = w13_EFH.shape
@@ -127,8 +109,6 @@ def cpu_time_ms(fn, iters: int) -> float:
 
 def cpu_main(args) -> int:
     """The CPU table: fused_moe's torch paths on the tiny preset's shapes (module docstring)."""
-    import importlib
-    fm = importlib.import_module(fused_moe.__module__)
     E, H, F, k, layers = 64, 128, 256, 2, 16
     tokens = args.tokens or ([1, 32, 512] if args.quick else [1, 8, 32, 128, 512, 2048])
     iters = 3 if args.quick else min(args.iters, 7)
@@ -144,8 +124,8 @@ def cpu_main(args) -> int:
           f"streaming them (a sum) measured {stream_gbps:.1f} GB/s")
     print("# ms = one pass over the 16 layers; GB/s = bytes of the experts that got a slot / time")
     impls = {"torch loop (per expert)": reference_moe_loop,
-             "torch._grouped_mm": lambda *a: fm.torch_fused_moe(*a, path="grouped"),
-             "gather-GEMV": lambda *a: fm.torch_fused_moe(*a, path="gemv"),
+             "torch._grouped_mm": lambda *a: torch_fused_moe(*a, path="grouped"),
+             "gather-GEMV": lambda *a: torch_fused_moe(*a, path="gemv"),
              "fused_moe impl=torch (auto)": lambda *a: fused_moe(*a, impl="torch")}
     cols = ("T", "slots/expert", "impl", "ms (16 layers)", "GB/s", "% of stream", "vs loop", "max_rel_err")
     print("| " + " | ".join(cols) + " |")
@@ -211,7 +191,7 @@ def main(argv=None) -> int:
             if not args.no_loop:
                 impls["torch loop"] = lambda: reference_moe_loop(*prob)
             if has_grouped:
-                impls["_grouped_mm"] = lambda: grouped_mm_moe(*prob)
+                impls["_grouped_mm"] = lambda: torch_fused_moe(*prob, path="grouped")
             for label, fn in impls.items():
                 try:
                     ms = time_ms(fn, iters)
