@@ -10,7 +10,7 @@ import sys
 COMMANDS = {
     "generate": ("moerun.generate", "generate tokens (one process, or a layout under torchrun)"),
     "layout": ("moerun.layout_cli", "validate a TP x PP x EP x DP layout and print its rank table"),
-    "plan": ("moerun.plan_cli", "project a layout on a hardware spec; check claims"),
+    "plan": ("moerun.plan.cli", "project a layout on a hardware spec; check claims"),
 }
 
 

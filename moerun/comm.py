@@ -7,6 +7,12 @@ implements the same methods with process groups.
 
     comm = Comm()                       # one process: tp = ep = 1
     model = MoEModel(cfg, comm=comm)    # or DistComm from moerun.mesh under torchrun
+    Comm(par, rank)                     # rank's shard ranges, identity collectives: to
+                                        # build (count) one rank's shard on the meta device
+
+A ``Comm`` also carries the rank's shard ranges (which heads, experts, vocabulary rows
+and token rows it holds). ``ParallelConfig`` computes them, so the layers, ``moerun
+layout`` and the planner read the same numbers.
 
 Token sharding inside a layer (see docs/ARCHITECTURE.md): attention runs on all T
 tokens of the replica with heads split over TP; its output projection is
@@ -17,14 +23,39 @@ from __future__ import annotations
 
 import torch
 
+from .parallel import ParallelConfig
+
 
 class Comm:
     """Single process: the identity for every collective."""
 
-    tp_size = 1
-    tp_rank = 0
-    ep_size = 1
-    ep_rank = 0
+    def __init__(self, par: ParallelConfig | None = None, rank: int = 0):
+        self.par = par or ParallelConfig()
+        c = self.par.coord(rank)
+        self.tp_size, self.tp_rank = self.par.tp, c.tp
+        self.ep_size, self.ep_rank = self.par.ep, c.ep_rank
+
+    # ----------------------------------------------------------- shard ranges
+    def q_heads(self, num_heads: int) -> range:
+        return self.par.q_heads_of(self.tp_rank, num_heads)
+
+    def kv_heads(self, num_kv_heads: int) -> range:
+        return self.par.kv_heads_of(self.tp_rank, num_kv_heads)
+
+    def kv_replicas(self, num_kv_heads: int) -> int:
+        return self.par.kv_replicas(num_kv_heads)
+
+    def experts(self, num_experts: int) -> range:
+        return self.par.experts_of(self.ep_rank, num_experts)
+
+    def vocab_rows(self, vocab_size: int) -> range:
+        return self.par.vocab_rows_of(self.tp_rank, vocab_size)
+
+    def token_rows(self, num_tokens: int) -> range:
+        """Rows of the T tokens that this TP rank owns after the scatter."""
+        return self.par.token_rows_of(self.tp_rank, num_tokens)
+
+    # ------------------------------------------------------------ collectives
 
     def tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over the TP group (partial sums of a row-parallel matmul)."""
@@ -37,12 +68,6 @@ class Comm:
     def tp_all_gather_tokens(self, x_tH: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """Inverse of ``tp_reduce_scatter_tokens``: all ``num_tokens`` rows on every rank."""
         return x_tH
-
-    def tp_token_range(self, num_tokens: int) -> tuple[int, int]:
-        """Rows [start, end) of the T tokens that this TP rank owns after the scatter."""
-        per = -(-num_tokens // self.tp_size)
-        start = min(self.tp_rank * per, num_tokens)
-        return start, min(start + per, num_tokens)
 
     def ep_all_to_all(self, send: torch.Tensor, send_splits: list[int],
                       recv_splits: list[int]) -> torch.Tensor:

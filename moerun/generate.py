@@ -1,81 +1,88 @@
-"""``moerun generate``: generate tokens for one or more prompts.
+"""``moerun generate``: generate tokens for one or more prompts, in one process or under
+a layout launched by torchrun.
 
     moerun generate --prompt "Hello" --max-new-tokens 16              # tiny preset, CPU
     moerun generate --model /ckpt --prompt-ids 1,2,3 --temperature 0 --json
-    python -m moerun.generate --prompts-file prompts.jsonl --json
+    torchrun --nproc_per_node=8 -m moerun.generate --tp 2 --pp 2 --ep 4 --dp 2 \\
+        --prompts-file prompts.jsonl --json
 
 ``--json`` prints one JSON object per prompt set on stdout: ``{"prompt_ids", "output_ids",
 "text"}`` (a list of them when several prompts are given); logs go to stderr.
+
+The path: flags -> ``ModelOptions`` / ``ParallelConfig`` / ``EngineConfig`` /
+``SamplingParams`` (moerun.args) -> ``Runtime`` (mesh + model stage) -> on rank 0 an
+``Engine`` (schedulers, ticks), on the others ``follow_leader`` -> ``StageWorker`` ->
+the model -> the kernels.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 
+import torch.distributed as dist
 
-from .config import ModelConfig
-from .engine import Engine
-from .runner import build_model, default_device, resolve_dtype
-from .sampling import SamplingParams
+from . import args as cli_args
+from .engine import Engine, follow_leader
+from .engine.request import check_prompt
+from .entry import run_command
+from .mesh import gather_to_rank0, leader_decides
+from .runtime import Runtime
 from .tokenizer import load_tokenizer
 
 log = logging.getLogger("moerun")
-
-
-def add_model_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--model", default="tiny", help="checkpoint directory or preset name (default: tiny)")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                    help="default: float32 on CPU, bfloat16 on GPU")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ap.add_argument("--seed", type=int, default=0, help="seed for a preset's random weights and for sampling")
-    ap.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
-                    help="auto = Triton on CUDA, PyTorch references on CPU")
+Prompt = tuple[list[int], "int | None"]  # prompt ids, max_new_tokens override
 
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="moerun generate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(ap)
+                                 formatter_class=cli_args.HelpFormatter)
+    cli_args.add_model_args(ap)
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     src.add_argument("--prompt-ids", action="append", help="comma-separated token ids (repeatable)")
     src.add_argument("--prompts-file", help='JSONL: {"prompt_ids": [...], "max_new_tokens": n} per line')
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's EOS token")
+    cli_args.add_sampling_args(ap)
     ap.add_argument("--json", action="store_true", help="print JSON on stdout")
-    lay = ap.add_argument_group("layout (under torchrun; tp*pp*dp = processes)")
-    for axis, what in (("tp", "tensor"), ("pp", "pipeline"), ("ep", "expert"), ("dp", "data")):
-        lay.add_argument(f"--{axis}", type=int, default=1, help=f"{what}-parallel degree")
-    lay.add_argument("--timeout", type=float, default=180.0,
-                     help="seconds a collective may wait before a dead peer becomes an error")
-    eng = ap.add_argument_group("engine")
-    eng.add_argument("--max-batch-tokens", type=int, default=2048,
-                     help="tokens one micro-batch step may compute (prefill chunks + decodes)")
-    eng.add_argument("--kv-cache-gb", type=float, default=None,
-                     help="KV cache per rank (default: 256 MiB on CPU, 90%% of free GPU memory)")
-    eng.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    eng.add_argument("--micro-batches", type=int, default=None, help="micro-batches per replica (default: pp)")
-    eng.add_argument("--stats", action="store_true", help="print steps, tokens/s, per-stage busy/wait, KV use")
+    cli_args.add_layout_args(ap)
+    cli_args.add_engine_args(ap)
+    ap.add_argument("--stats", action="store_true", help="print steps, tokens/s, per-stage busy/wait, KV use")
     return ap
 
 
-def engine_config(args):
-    from .engine import EngineConfig
+def read_prompts(prompt: list[str] | None, prompt_ids: list[str] | None, prompts_file: str | None,
+                 tok) -> list[Prompt]:
+    """(prompt ids, max_new_tokens override) for every prompt given."""
+    if prompts_file:
+        out = []
+        try:
+            f = open(prompts_file)
+        except OSError as e:
+            raise ValueError(f"cannot read --prompts-file: {e}") from e
+        with f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    out.append(([int(t) for t in rec["prompt_ids"]], rec.get("max_new_tokens")))
+                except (ValueError, KeyError, TypeError) as e:
+                    raise ValueError(f"{prompts_file}:{n}: expected "
+                                     f'{{"prompt_ids": [...], "max_new_tokens": n}}, got {line.strip()[:80]!r}') from e
+        return out
+    if prompt_ids:
+        try:
+            return [([int(t) for t in s.split(",") if t.strip()], None) for s in prompt_ids]
+        except ValueError as e:
+            raise ValueError(f"--prompt-ids takes comma-separated integers, e.g. 1,2,3 ({e})") from e
+    if tok is None:
+        raise ValueError("this checkpoint has no tokenizer.json: pass --prompt-ids instead of --prompt")
+    return [(tok.encode(t), None) for t in (prompt or ["Hello, moerun!"])]
 
-    if args.max_batch_tokens < 1 or args.block_size < 1:
-        raise ValueError("--max-batch-tokens and --block-size must be >= 1")
-    return EngineConfig(max_batch_tokens=args.max_batch_tokens, kv_cache_gb=args.kv_cache_gb,
-                        block_size=args.block_size, micro_batches=args.micro_batches)
 
-
-def print_stats(engine, traces: dict[int, list], seconds: float, tokens: int) -> None:
+def print_stats(engine: Engine, traces: dict[int, list], seconds: float, tokens: int) -> None:
     """Per-stage compute and wait time from every rank's schedule trace (stderr)."""
     err = sys.stderr
     print(f"[stats] ticks {engine.tick}, generated tokens {tokens}, {seconds:.2f}s, "
@@ -96,99 +103,65 @@ def print_stats(engine, traces: dict[int, list], seconds: float, tokens: int) ->
               f"idle ticks (no tokens) {idle} of {len(rows) // ranks_per_stage} (per rank, averaged)", file=err)
 
 
-def read_prompts(args, tok) -> list[tuple[list[int], int | None]]:
-    """(prompt ids, max_new_tokens override) for every prompt given."""
-    if args.prompts_file:
-        out = []
-        try:
-            f = open(args.prompts_file)
-        except OSError as e:
-            raise ValueError(f"cannot read --prompts-file: {e}") from e
-        with f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    out.append(([int(t) for t in rec["prompt_ids"]], rec.get("max_new_tokens")))
-                except (ValueError, KeyError, TypeError) as e:
-                    raise ValueError(f"{args.prompts_file}:{n}: expected "
-                                     f'{{"prompt_ids": [...], "max_new_tokens": n}}, got {line.strip()[:80]!r}') from e
-        return out
-    if args.prompt_ids:
-        try:
-            return [([int(t) for t in s.split(",") if t.strip()], None) for s in args.prompt_ids]
-        except ValueError as e:
-            raise ValueError(f"--prompt-ids takes comma-separated integers, e.g. 1,2,3 ({e})") from e
-    if tok is None:
-        raise ValueError(f"{args.model} has no tokenizer.json: pass --prompt-ids instead of --prompt")
-    return [(tok.encode(t), None) for t in (args.prompt or ["Hello, moerun!"])]
-
-
-def sampling_for(args, max_new: int | None) -> SamplingParams:
-    return SamplingParams(max_new_tokens=max_new or args.max_new_tokens, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
-
-
-def results_json(prompts, outputs, tok):
-    res = [{"prompt_ids": p, "output_ids": o, "text": tok.decode(o) if tok else None}
-           for (p, _), o in zip(prompts, outputs)]
-    return res[0] if len(res) == 1 else res
-
-
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="[moerun] %(message)s", stream=sys.stderr)
     args = parser().parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        from .dist_generate import main as dist_main
-        return dist_main(args)
-    if args.tp * args.pp * args.dp > 1:
-        n = args.tp * args.pp * args.dp
-        print(f"moerun generate: error: layout tp={args.tp} pp={args.pp} dp={args.dp} needs {n} processes; "
-              f"launch with torchrun --nproc_per_node={n} -m moerun.generate ...", file=sys.stderr)
-        return 2
-    try:
-        return _run_local(args)
-    except ValueError as e:
-        print(f"moerun generate: error: {e}", file=sys.stderr)
-        return 2
+    return run_command("moerun generate", lambda: _generate(args))
 
 
-def _run_local(args) -> int:
-    from . import kernels
-
-    kernels.set_default_impl(args.kernels)
-    device = args.device or default_device()
-    dtype = resolve_dtype(args.dtype, device)
-    cfg = ModelConfig.load(args.model)
-    tok = load_tokenizer(args.model, cfg)
-    prompts = read_prompts(args, tok)
+def _generate(args) -> int:
+    # Every flag becomes a settings object first, on every rank: a bad value fails
+    # everywhere with the same message before the model loads.
+    opts, par = cli_args.model_options(args), cli_args.parallel_config(args)
+    ecfg, base_sp = cli_args.engine_config(args), cli_args.sampling_params(args)
+    if args.timeout <= 0:
+        raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
     t0 = time.perf_counter()
-    model = build_model(args.model, dtype=dtype, device=device, seed=args.seed, cfg=cfg)
-    log.info("loaded %s (%s, %.1fM params) on %s/%s in %.1fs", args.model, cfg.model_type,
-             cfg.num_params() / 1e6, device, str(dtype).replace("torch.", ""), time.perf_counter() - t0)
-    serve_prompts(Engine(model, engine_config(args)), prompts, args, tok, f"on {device}")
-    return 0
+    rt = Runtime.create(opts, par, args.timeout)
+    tok = load_tokenizer(opts.model, rt.cfg)
 
-
-def serve_prompts(engine, prompts, args, tok, where: str, finish=None) -> None:
-    """Run every prompt through the engine, log the measured rate, print the results.
-    ``finish(engine)`` (under torchrun) stops the workers and returns every rank's trace."""
+    def checked_prompts() -> list[Prompt]:
+        prompts = read_prompts(args.prompt, args.prompt_ids, args.prompts_file, tok)
+        for i, (p, _) in enumerate(prompts):
+            try:
+                check_prompt(p, rt.cfg.vocab_size)
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+        return prompts
+    prompts = leader_decides(rt.mesh, checked_prompts)  # every rank exits alike on a bad prompt
+    params = [base_sp if n is None else cli_args.sampling_params(args, n) for _, n in prompts]
+    where = f"{par}, {rt.mesh.device.type}" if rt.mesh else str(next(rt.model.parameters()).device)
+    log.info("loaded %s (%s, %.1fM params) on %s in %.1fs", opts.model, rt.cfg.model_type,
+             rt.cfg.num_params() / 1e6, where, time.perf_counter() - t0)
+    if not rt.is_leader:
+        worker = follow_leader(rt.model, ecfg, rt.mesh)
+        gather_to_rank0(rt.mesh, {rt.rank: list(worker.trace)})
+        dist.barrier(group=rt.mesh.ctrl)
+        return 0
+    engine = Engine(rt.model, ecfg, rt.mesh)
     t0 = time.perf_counter()
-    outputs = engine.generate([p for p, _ in prompts], [sampling_for(args, m) for _, m in prompts])
+    outputs = engine.generate([p for p, _ in prompts], params)
     dt = time.perf_counter() - t0
-    traces = finish(engine) if finish else {0: engine.worker.trace}
+    if rt.mesh:
+        engine.shutdown()
+        traces = gather_to_rank0(rt.mesh, {0: list(engine.worker.trace)})
+    else:
+        traces = {0: list(engine.worker.trace)}
     n = sum(len(o) for o in outputs)
-    log.info("generated %d tokens for %d prompt(s) in %.2fs (%.1f tokens/s, measured %s)",
+    log.info("generated %d tokens for %d prompt(s) in %.2fs (%.1f tokens/s, measured on %s)",
              n, len(prompts), dt, n / dt if dt else 0.0, where)
     if args.stats:
         print_stats(engine, traces, dt, n)
     if args.json:
-        print(json.dumps(results_json(prompts, outputs, tok)), flush=True)
+        res = [{"prompt_ids": p, "output_ids": o, "text": tok.decode(o) if tok else None}
+               for (p, _), o in zip(prompts, outputs)]
+        print(json.dumps(res[0] if len(res) == 1 else res), flush=True)
     else:
         for o in outputs:
             print(tok.decode(o) if tok else " ".join(map(str, o)), flush=True)
+    if rt.mesh:
+        dist.barrier(group=rt.mesh.ctrl)
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,7 +6,9 @@ in block ``table[p // block_size]`` at row ``p % block_size``. ``AttnMeta`` turn
 tables into flat slot indices, so attention writes and reads through them.
 
     cache = KVCache.for_model(model, num_blocks=1024, block_size=16)
-    KVCache.blocks_for_budget(model, budget_bytes, block_size)   # how many fit
+    KVCache.block_bytes(model, block_size)      # one block's bytes on this rank: how many fit
+
+Shape legend: B = sequences, P = blocks of one sequence's table, N = KV heads, D = head dim.
 """
 from __future__ import annotations
 
@@ -39,12 +41,12 @@ class KVCache:
         self.k[layer].view(-1, *k_TND.shape[1:])[slot_T] = k_TND
         self.v[layer].view(-1, *v_TND.shape[1:])[slot_T] = v_TND
 
-    def read(self, layer: int, table_BT: torch.Tensor, length: int):
+    def read(self, layer: int, table_BP: torch.Tensor, length: int):
         """K and V of positions ``[0, length)`` of each sequence, through its block table
-        ``table_BT`` (padded entries read some block; the attention mask hides them):
+        ``table_BP`` (padded entries read some block; the attention mask hides them):
         [B, length, N, D] each, gathered whole blocks at a time."""
-        B, nblk = table_BT.shape
-        flat = table_BT.reshape(-1)
+        B, nblk = table_BP.shape
+        flat = table_BP.reshape(-1)
 
         def gather(c):
             return c.index_select(0, flat).view(B, nblk * self.block_size, *c.shape[2:])[:, :length]

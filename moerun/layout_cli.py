@@ -14,22 +14,18 @@ import sys
 
 import torch
 
+from . import args as cli_args
 from .comm import Comm
 from .config import ModelConfig
+from .dtypes import DTYPE_BYTES
+from .model import MoEModel
 from .parallel import LayoutError, ParallelConfig
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def shard_params(cfg: ModelConfig, par: ParallelConfig, rank: int) -> int:
     """Parameters rank ``rank`` holds, counted on a meta-device build of its shard."""
-    from .model import MoEModel
-
-    c = par.coord(rank)
-    comm = Comm()
-    comm.tp_size, comm.tp_rank, comm.ep_size, comm.ep_rank = par.tp, c.tp, par.ep, c.ep_rank
     with torch.device("meta"):
-        m = MoEModel(cfg, comm, par.stage_layers(cfg.num_layers)[c.pp])
+        m = MoEModel(cfg, Comm(par, rank), par.stage_layers(cfg.num_layers)[par.coord(rank).pp])
     return sum(p.numel() for p in m.parameters())
 
 
@@ -49,11 +45,10 @@ def rank_table(cfg: ModelConfig, par: ParallelConfig, dtype_bytes: int = 2) -> l
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="moerun layout", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=cli_args.HelpFormatter)
     ap.add_argument("--model", default="tiny", help="preset name or checkpoint directory")
     ap.add_argument("--world", type=int, required=True, help="number of processes (GPUs)")
-    for axis in ("tp", "pp", "ep", "dp"):
-        ap.add_argument(f"--{axis}", type=int, default=1)
+    cli_args.add_layout_args(ap, timeout=False)
     ap.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bfloat16", help="for the byte counts")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -62,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"moerun layout: error: {e}", file=sys.stderr)
         return 2
-    par = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, dp=args.dp)
+    par = cli_args.parallel_config(args)
     try:
         par.validate(cfg, args.world)
     except LayoutError as e:

@@ -6,10 +6,13 @@ model calls, implemented on them.
     model = MoEModel(cfg, DistComm(mesh), layers=mesh.layers(cfg))
 
 The mesh is a ``DeviceMesh`` ("pp", "dp", "tp"), tp fastest. EP groups are carved from
-each stage's dp*tp ranks (``ParallelConfig.ep_group_ranks``). A gloo ``ctrl`` group over
-all ranks carries small CPU messages (plans, tokens, flags), and a gloo ``replica``
-group spans the pp*tp ranks of one DP replica. Every group has the collective timeout,
-so a dead rank becomes an error on the others rather than a hang.
+each stage's dp*tp ranks (``ParallelConfig.ep_group_ranks``). Two gloo groups over all
+ranks carry small CPU messages: ``ctrl`` (the tokens and counts gathered each tick) and
+``wake``, on which the leader broadcasts each tick's message. Every group has the
+collective timeout, so a dead rank becomes an error on the others rather than a hang,
+except ``wake``: an idle server sends nothing for as long as no request comes, and its
+followers wait there without a deadline (a dead leader still closes its connections,
+which fails the wait at once).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from .parallel import ParallelConfig, RankCoord
 # torch 2.13 names the tensor collectives *_single and warns on the old names.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+WAIT_FOREVER = timedelta(days=365)  # the wake group's timeout: an idle server may idle
 
 
 @dataclass
@@ -39,9 +43,8 @@ class Mesh:
     device_mesh: object
     tp_group: object
     ep_group: object
-    ctrl: object  # gloo, all ranks
-    replica: object  # gloo, the pp*tp ranks of this DP replica
-    replica_ranks: list[int]
+    ctrl: object  # gloo, all ranks, the collective timeout
+    wake: object  # gloo, all ranks, no deadline: the leader's tick messages
 
     @staticmethod
     def create(par: ParallelConfig, timeout_s: float = 180.0, device: str | None = None) -> "Mesh":
@@ -63,19 +66,14 @@ class Mesh:
         dm = init_device_mesh(dev.type, (par.pp, par.dp, par.tp), mesh_dim_names=("pp", "dp", "tp"))
         coord = par.coord(rank)
         ctrl = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
-        ep_group = replica = None
-        replica_ranks: list[int] = []
+        wake = dist.new_group(backend="gloo", timeout=WAIT_FOREVER)
+        ep_group = None
         for pp in range(par.pp):  # every rank creates every group, in the same order
             for g in range(par.dp * par.tp // par.ep):
                 grp = dist.new_group(par.ep_group_ranks(pp, g), timeout=timeout)
                 if (pp, g) == (coord.pp, coord.ep_group):
                     ep_group = grp
-        for d in range(par.dp):
-            ranks = [par.rank_of(p, d, t) for p in range(par.pp) for t in range(par.tp)]
-            grp = dist.new_group(ranks, backend="gloo", timeout=timeout)
-            if d == coord.dp:
-                replica, replica_ranks = grp, ranks
-        return Mesh(par, rank, coord, dev, dm, dm["tp"].get_group(), ep_group, ctrl, replica, replica_ranks)
+        return Mesh(par, rank, coord, dev, dm, dm["tp"].get_group(), ep_group, ctrl, wake)
 
     def layers(self, cfg: ModelConfig) -> range:
         return self.par.stage_layers(cfg.num_layers)[self.coord.pp]
@@ -106,11 +104,28 @@ def gather_to_rank0(mesh: Mesh, part: dict) -> dict | None:
     return merged
 
 
+def leader_decides(mesh: Mesh | None, fn):
+    """``fn()`` on rank 0 (reading prompts, say: files may exist on the first host only),
+    its result on every rank; a ValueError it raises is raised on every rank, so all of
+    them exit with the same error. ``mesh`` None: just ``fn()``."""
+    if mesh is None:
+        return fn()
+    box = [None]
+    if mesh.rank == 0:
+        try:
+            box = [fn()]
+        except ValueError as e:
+            box = [e]
+    dist.broadcast_object_list(box, src=0, group=mesh.ctrl)
+    if isinstance(box[0], ValueError):
+        raise ValueError(str(box[0])) from None
+    return box[0]
+
+
 class DistComm(Comm):
     def __init__(self, mesh: Mesh):
+        super().__init__(mesh.par, mesh.rank)
         self.mesh = mesh
-        self.tp_size, self.tp_rank = mesh.par.tp, mesh.coord.tp
-        self.ep_size, self.ep_rank = mesh.par.ep, mesh.coord.ep_rank
 
     # TP collectives: every rank of a TP group holds the same T, so T = 0 is skipped by all.
     def tp_all_reduce(self, x):
@@ -120,14 +135,14 @@ class DistComm(Comm):
 
     def tp_reduce_scatter_tokens(self, x_TH):
         if self.tp_size == 1 or x_TH.numel() == 0:
-            return x_TH[slice(*self.tp_token_range(x_TH.shape[0]))]
+            mine = self.token_rows(x_TH.shape[0])
+            return x_TH[mine.start:mine.stop]
         T = x_TH.shape[0]
         per = -(-T // self.tp_size)
         x = F.pad(x_TH, (0, 0, 0, per * self.tp_size - T)).contiguous()
         out = x.new_empty(per, x.shape[1])
         _reduce_scatter(out, x, group=self.mesh.tp_group)
-        s, e = self.tp_token_range(T)
-        return out[: e - s]
+        return out[: len(self.token_rows(T))]
 
     def tp_all_gather_tokens(self, x_tH, num_tokens):
         if self.tp_size == 1 or num_tokens == 0:

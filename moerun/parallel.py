@@ -118,14 +118,18 @@ class ParallelConfig:
             start += n
         return out
 
+    # Shard ranges: the one place that says which slice of a tensor a rank holds. The
+    # layers read them through their ``Comm``; the planner and ``moerun layout`` call them
+    # directly.
     def experts_of(self, ep_rank: int, num_experts: int) -> range:
+        """Experts an EP rank holds: a contiguous 1/ep of them."""
         n = num_experts // self.ep
         return range(ep_rank * n, (ep_rank + 1) * n)
 
-    def ep_group_ranks(self, pp: int, ep_group: int) -> list[int]:
-        """Global ranks of one EP group of stage ``pp``."""
-        first = pp * self.dp * self.tp + ep_group * self.ep
-        return list(range(first, first + self.ep))
+    def q_heads_of(self, tp_idx: int, num_heads: int) -> range:
+        """Query heads a TP rank holds: a contiguous 1/tp of them."""
+        n = num_heads // self.tp
+        return range(tp_idx * n, (tp_idx + 1) * n)
 
     def kv_heads_of(self, tp_idx: int, num_kv_heads: int) -> range:
         """KV heads a TP rank holds: a 1/tp share, or one replicated head when tp > kv."""
@@ -134,6 +138,33 @@ class ParallelConfig:
             return range(tp_idx * n, (tp_idx + 1) * n)
         h = tp_idx // (self.tp // num_kv_heads)
         return range(h, h + 1)
+
+    def kv_replicas(self, num_kv_heads: int) -> int:
+        """TP ranks holding a copy of each KV head (1 unless tp > kv heads)."""
+        return max(self.tp // num_kv_heads, 1)
+
+    def vocab_rows_of(self, tp_idx: int, vocab_size: int) -> range:
+        """Rows of the embedding / LM head a TP rank holds: ceil(V/tp) each, the last
+        ranks what is left (possibly none)."""
+        return ceil_range(vocab_size, self.tp, tp_idx)
+
+    def token_rows_of(self, tp_idx: int, num_tokens: int) -> range:
+        """Rows of a step's T tokens a TP rank keeps between the reduce-scatter after
+        attention and the all-gather at the end of the layer (ceil split)."""
+        return ceil_range(num_tokens, self.tp, tp_idx)
+
+    def ep_group_ranks(self, pp: int, ep_group: int) -> list[int]:
+        """Global ranks of one EP group of stage ``pp``."""
+        first = pp * self.dp * self.tp + ep_group * self.ep
+        return list(range(first, first + self.ep))
+
+
+def ceil_range(n: int, parts: int, idx: int) -> range:
+    """Part ``idx`` of ``n`` rows split in ``parts`` pieces of ceil(n/parts) rows; the last
+    pieces get what is left, possibly nothing."""
+    per = -(-n // parts)
+    start = min(idx * per, n)
+    return range(start, min(start + per, n))
 
 
 def valid_layouts(model: ModelConfig, world_size: int) -> list[ParallelConfig]:

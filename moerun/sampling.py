@@ -1,35 +1,23 @@
-"""Sampling parameters and the sampler: greedy at temperature 0, else temperature,
-top-k and top-p, each request with its own seeded generator so a seed reproduces the
-same tokens in any batch and any layout.
+"""The sampler: greedy at temperature 0, else temperature, top-k and top-p, each request
+with its own seeded generator so a seed reproduces the same tokens in any batch and any
+layout; and the log probabilities a request asks for (``SamplingParams.logprobs``),
+taken from the model's distribution before temperature and truncation, as vLLM does.
 
-Shape legend: B = sequences sampled this step, V = vocab.
+    toks = sample(logits_BV, params, gens)                 # [token] per row
+    lps = logprobs_of(logits_BV, toks, [p.logprobs for p in params])
+
+Shape legend: B = sequences sampled this step, V = vocab, N = top-N.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from .options import SamplingParams
 
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 16
-    temperature: float = 0.0
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
+__all__ = ["SamplingParams", "Sampled", "make_generator", "sample", "sample_one", "logprobs_of"]
 
-    def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+# (token, its log probability or None, top-N (token, log probability) pairs)
+Sampled = tuple[int, float | None, tuple[tuple[int, float], ...]]
 
 
 def make_generator(params: SamplingParams, index: int = 0) -> torch.Generator | None:
@@ -60,3 +48,20 @@ def sample(logits_BV: torch.Tensor, params: list[SamplingParams], gens: list) ->
     if all(p.temperature == 0 for p in params):
         return torch.argmax(logits_BV, dim=-1).tolist()
     return [sample_one(logits_BV[b], p, g) for b, (p, g) in enumerate(zip(params, gens))]
+
+
+def logprobs_of(logits_BV: torch.Tensor, tokens: list[int], top_n: list[int | None]) -> list[Sampled]:
+    """Each row's sampled token with its log probability and the row's top-N, for the rows
+    that ask (``top_n[b]`` not None); the others get (token, None, ())."""
+    out: list[Sampled] = [(t, None, ()) for t in tokens]
+    rows = [b for b, n in enumerate(top_n) if n is not None]
+    if not rows:
+        return out
+    lp_RV = torch.log_softmax(logits_BV[rows].float(), dim=-1).cpu()
+    n_max = max(top_n[b] for b in rows)
+    top_val, top_idx = lp_RV.topk(n_max, dim=-1) if n_max else (None, None)
+    for j, b in enumerate(rows):
+        n = top_n[b]
+        top = tuple(zip(top_idx[j, :n].tolist(), top_val[j, :n].tolist())) if n else ()
+        out[b] = (tokens[b], float(lp_RV[j, tokens[b]]), top)
+    return out

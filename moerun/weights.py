@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .model import MoEModel
 
 INDEX = "model.safetensors.index.json"
 
@@ -54,8 +55,6 @@ def checkpoint_files(path: str | Path) -> dict[str, Path]:
 
 def full_model_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor name and full shape of the whole model (built on the meta device)."""
-    from .model import MoEModel
-
     with torch.device("meta"):
         full = MoEModel(cfg)
     return {s.name: s.shape for s in full.specs()}

@@ -42,8 +42,8 @@ from pathlib import Path
 import torch
 
 from moerun.engine import Engine, EngineConfig
-from moerun.runner import build_model
-from moerun.sampling import SamplingParams
+from moerun.build import build_model
+from moerun.options import SamplingParams
 from moerun.weights import save_checkpoint
 
 MODEL = "tiny"

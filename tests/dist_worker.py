@@ -1,6 +1,6 @@
-"""Run under torchrun by the layout and engine tests: prefill logits of a layout, then
-generation through the engine (requests may arrive at different ticks), written by
-rank 0 as JSON for the test to compare with one process.
+"""Run under torchrun by the layout and engine tests: generation through the engine
+(requests may arrive at different ticks), written by rank 0 as JSON for the test to
+compare with one process: every sampled token with its log probability and top-N.
 
     torchrun --nproc_per_node=N tests/dist_worker.py MODEL TP PP EP DP SPEC_JSON OUT_JSON
 
@@ -12,11 +12,26 @@ import sys
 
 import torch
 
-from moerun.dist_generate import Runtime, dist_prefill_logits
+from moerun.engine import Engine, EngineConfig, follow_leader
 from moerun.mesh import gather_to_rank0
-from moerun.engine import Engine, EngineConfig, serve_worker
+from moerun.options import ModelOptions, SamplingParams
 from moerun.parallel import ParallelConfig
-from moerun.sampling import SamplingParams
+from moerun.runtime import Runtime
+
+
+def run_staggered(engine, prompts, max_new, arrive, sampling) -> dict[int, list]:
+    """Prompt i joins at tick arrive[i]; returns i -> [(token, logprob, top), ...]."""
+    ids, events = {}, {}
+    while len(ids) < len(prompts) or engine.has_unfinished():
+        for i, p in enumerate(prompts):
+            if i not in ids and arrive[i] <= engine.tick:
+                sp = SamplingParams(**{"max_new_tokens": max_new[i], "ignore_eos": True, **sampling})
+                ids[i] = engine.add_request(p, sp)
+                events[ids[i]] = []
+        for ev in engine.step():
+            if ev.token is not None:
+                events[ev.req_id].append((ev.token, ev.logprob, [list(t) for t in ev.top_logprobs]))
+    return {i: events[rid] for i, rid in ids.items()}
 
 
 def main():
@@ -24,31 +39,23 @@ def main():
     par = ParallelConfig(tp=int(tp), pp=int(pp), ep=int(ep), dp=int(dp))
     spec = json.loads(spec)
     prompts = spec["prompts"]
-    rt = Runtime.create(model, par, dtype=torch.float32, device="cpu", timeout_s=60)
-    logits = dist_prefill_logits(rt, prompts)
+    rt = Runtime.create(ModelOptions(model=model, dtype="float32", device="cpu"), par, timeout_s=60)
     ecfg = EngineConfig(**spec.get("engine", {}))
-    read = gather_to_rank0(rt.mesh, {rt.mesh.rank: rt.model.load_report.bytes_read if rt.model.load_report else 0})
-    if rt.mesh.rank == 0:
+    read = gather_to_rank0(rt.mesh, {rt.rank: rt.model.load_report.bytes_read if rt.model.load_report else 0})
+    if rt.is_leader:
         engine = Engine(rt.model, ecfg, rt.mesh)
-        arrive = spec.get("arrive", [0] * len(prompts))
-        max_new = spec.get("max_new", [8] * len(prompts))
-        ids = {}
-        while len(ids) < len(prompts) or engine.has_unfinished():
-            for i, p in enumerate(prompts):
-                if i not in ids and arrive[i] <= engine.tick:
-                    sp = SamplingParams(**{"max_new_tokens": max_new[i], "ignore_eos": True, **spec.get("sampling", {})})
-                    ids[i] = engine.add_request(p, sp)
-            engine.step()
+        got = run_staggered(engine, prompts, spec.get("max_new", [8] * len(prompts)),
+                            spec.get("arrive", [0] * len(prompts)), spec.get("sampling", {}))
+        preemptions = engine.num_preemptions
         engine.shutdown()
-        traces = gather_to_rank0(rt.mesh, {0: engine.worker.trace})
+        traces = gather_to_rank0(rt.mesh, {0: list(engine.worker.trace)})
         with open(out, "w") as f:
-            json.dump({"logits": {i: logits[i].tolist() for i in logits},
-                       "outputs": {i: engine.requests[ids[i]].output for i in ids},
-                       "preemptions": sum(r.num_preemptions for r in engine.requests.values()),
-                       "bytes_read": read, "traces": traces}, f)
+            json.dump({"outputs": {i: [t for t, _, _ in e] for i, e in got.items()},
+                       "logprobs": {i: [[lp, top] for _, lp, top in e] for i, e in got.items()},
+                       "preemptions": preemptions, "bytes_read": read, "traces": traces}, f)
     else:
-        worker = serve_worker(rt, ecfg)
-        gather_to_rank0(rt.mesh, {rt.mesh.rank: worker.trace})
+        worker = follow_leader(rt.model, ecfg, rt.mesh)
+        gather_to_rank0(rt.mesh, {rt.rank: list(worker.trace)})
     torch.distributed.destroy_process_group()
 
 

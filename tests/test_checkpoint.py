@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moerun.config import ModelConfig
-from moerun.runner import build_model, forward_logits
+from moerun.build import build_model, forward_logits
 from moerun.weights import CheckpointError, full_model_shapes, save_checkpoint
 
 

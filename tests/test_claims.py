@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from moerun.claims import ClaimsFile, check, load_measured, main as claims_main, verdict
-from moerun.plan_cli import main as plan_main
+from moerun.plan.claims import ClaimsFile, check, load_measured, verdict
+from moerun.plan.cli import main as plan_main
 
 SEED = ClaimsFile.load("seed")
 
@@ -98,7 +98,7 @@ def test_bad_inputs_rejected(tmp_path):
 
 
 def test_cli_table_json_and_measured_file(tmp_path, capsys):
-    assert claims_main(["seed"]) == 0
+    assert plan_main(["--claims", "seed"]) == 0
     text = capsys.readouterr().out
     assert "invalid layout" in text and "not measured" in text and "projected (roofline on seed)" in text
     m = tmp_path / "m.json"

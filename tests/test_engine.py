@@ -9,26 +9,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from moerun.build import build_model
 from moerun.engine import Engine, EngineConfig
-from moerun.runner import build_model, generate_batch
-from moerun.sampling import SamplingParams
+from moerun.options import SamplingParams
 
+from dist_worker import run_staggered
 from test_layouts import WORKER, torchrun
 
 
 def alone(model, prompt, n, **sp):
-    return generate_batch(model, [prompt], SamplingParams(max_new_tokens=n, ignore_eos=True, **sp))[0]
+    return Engine(model).generate([prompt], SamplingParams(max_new_tokens=n, ignore_eos=True, **sp))[0]
 
 
 def staggered(engine, prompts, max_new, arrive, **sp):
     """Add prompt i at tick arrive[i]; run to the end; outputs in input order."""
-    ids = {}
-    while len(ids) < len(prompts) or engine.has_unfinished():
-        for i, p in enumerate(prompts):
-            if i not in ids and arrive[i] <= engine.tick:
-                ids[i] = engine.add_request(p, SamplingParams(max_new_tokens=max_new[i], ignore_eos=True, **sp))
-        engine.step()
-    return [engine.requests[ids[i]].output for i in range(len(prompts))]
+    got = run_staggered(engine, prompts, max_new, arrive, sp)
+    return [[t for t, _, _ in got[i]] for i in range(len(prompts))]
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +33,9 @@ def mixtral(hf_checkpoint):
     return str(path), build_model(str(path))
 
 
-def workload(vocab, n=6):
-    g = torch.Generator().manual_seed(torch.seed())
+def workload(vocab, n=6, seed=0):
+    """Random prompts, lengths and arrival ticks, all drawn from ``seed`` (tests name it)."""
+    g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, vocab, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g).tolist()
                for _ in range(n)]
     max_new = [int(torch.randint(1, 12, (1,), generator=g)) for _ in range(n)]
@@ -48,7 +45,7 @@ def workload(vocab, n=6):
 
 def test_staggered_requests_equal_alone(mixtral):
     _, model = mixtral
-    prompts, max_new, arrive = workload(model.cfg.vocab_size)
+    prompts, max_new, arrive = workload(model.cfg.vocab_size, seed=11)
     got = staggered(Engine(model, EngineConfig(max_batch_tokens=7, num_blocks=64, block_size=4)),
                     prompts, max_new, arrive)  # a 7-token budget chunks every long prompt
     assert got == [alone(model, p, n) for p, n in zip(prompts, max_new)]
@@ -56,12 +53,14 @@ def test_staggered_requests_equal_alone(mixtral):
 
 def test_small_cache_preempts_and_outputs_stay_identical(mixtral):
     _, model = mixtral
-    prompts = [torch.randint(0, model.cfg.vocab_size, (9,)).tolist() for _ in range(5)]
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, model.cfg.vocab_size, (9,), generator=g).tolist() for _ in range(5)]
     engine = Engine(model, EngineConfig(num_blocks=12, block_size=4))  # each request needs 5 blocks
     got = engine.generate(prompts, SamplingParams(max_new_tokens=10, ignore_eos=True))
-    assert sum(r.num_preemptions for r in engine.requests.values()) > 0
+    assert engine.num_preemptions > 0
     assert got == [alone(model, p, 10) for p in prompts]
     assert all(len(s.blocks.free) == 12 for s in engine.schedulers)  # every block came back
+    assert engine.requests == {} and engine.kv_usage() == 0.0  # finished requests left the engine
 
 
 def test_request_larger_than_cache_is_rejected(mixtral):
@@ -84,16 +83,23 @@ def test_abort_and_stop_tokens(mixtral):
     ids = [engine.add_request(p, SamplingParams(max_new_tokens=12, ignore_eos=True)) for p in prompts]
     stop = engine.add_request(prompts[2], SamplingParams(max_new_tokens=12, ignore_eos=True,
                                                          stop_token_ids=(ref[2][3],)))
+    events = {rid: [] for rid in ids + [stop]}
     for _ in range(4):
-        engine.step()
+        for ev in engine.step():
+            events[ev.req_id].append(ev)
     engine.abort(ids[1])
     while engine.has_unfinished():
-        engine.step()
-    r = engine.requests
-    assert r[ids[1]].finish_reason == "abort" and r[ids[1]].output == ref[1][: len(r[ids[1]].output)]
-    assert r[ids[0]].output == ref[0] and r[ids[2]].output == ref[2]
+        for ev in engine.step():
+            events[ev.req_id].append(ev)
+    out = {rid: [e.token for e in evs if e.token is not None] for rid, evs in events.items()}
+    last = {rid: evs[-1] for rid, evs in events.items()}
+    assert all(e.finished == (e is last[rid]) for rid, evs in events.items() for e in evs)
+    assert last[ids[1]].finish_reason == "abort" and 0 < len(out[ids[1]]) < 12
+    assert out[ids[1]] == ref[1][: len(out[ids[1]])]
+    assert out[ids[0]] == ref[0] and out[ids[2]] == ref[2]
     first = ref[2].index(ref[2][3])  # stops at the first occurrence of the stop token, included
-    assert r[stop].output == ref[2][: first + 1] and r[stop].finish_reason == "stop"
+    assert out[stop] == ref[2][: first + 1] and last[stop].finish_reason == "stop"
+    assert engine.requests == {}
 
 
 def test_seeded_sampling_is_reproducible(mixtral):
@@ -117,7 +123,7 @@ def run_worker(tmp_path, model, layout, spec):
 @pytest.mark.parametrize("layout", [(1, 2, 2, 2), (2, 2, 2, 1)], ids=["pp2-dp2-ep2", "tp2-pp2-ep2"])
 def test_layout_engine_staggered_preempting(layout, mixtral, tmp_path):
     path, model = mixtral
-    prompts, max_new, arrive = workload(model.cfg.vocab_size, n=7)
+    prompts, max_new, arrive = workload(model.cfg.vocab_size, n=7, seed=sum(layout))
     spec = {"prompts": prompts, "max_new": max_new, "arrive": arrive,
             "engine": {"num_blocks": 14, "block_size": 4, "max_batch_tokens": 6}}
     got = run_worker(tmp_path, path, layout, spec)

@@ -88,7 +88,7 @@ def test_gather_gemv_rows_are_per_slot_expert_products():
 
 def test_model_stores_experts_k_major():
     """The model's expert parameters have the memory the gather-GEMV reads."""
-    from moerun.runner import build_model
+    from moerun.build import build_model
     m = build_model("tiny", layers=range(1), seed=0)
     moe = m.layers[0].mlp
     assert moe.w13.shape[1:] == (2 * m.cfg.moe_ffn, m.cfg.hidden_size)

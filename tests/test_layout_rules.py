@@ -112,10 +112,8 @@ def test_each_rank_reads_only_its_share(family, layout, hf_checkpoint):
     full = sum(nbytes.values())
     for rank in range(par.world_size):
         c = par.coord(rank)
-        comm = Comm()
-        comm.tp_size, comm.tp_rank, comm.ep_size, comm.ep_rank = tp, c.tp, ep, c.ep_rank
         layers = par.stage_layers(cfg.num_layers)[c.pp]
-        model = MoEModel(cfg, comm, layers)
+        model = MoEModel(cfg, Comm(par, rank), layers)
         read = load_checkpoint(model, path).bytes_read
         mine = par.experts_of(c.ep_rank, cfg.num_experts)
         bound = 0

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from moerun.runner import build_model, forward_logits, generate_batch
-from moerun.sampling import SamplingParams
+from moerun.build import build_model
+from moerun.engine import Engine, EngineConfig
+from moerun.options import SamplingParams
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 
@@ -34,8 +35,22 @@ def torchrun(nproc: int, *args, env=None, timeout=240):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def random_prompts(n, vocab):
-    return [torch.randint(0, vocab, (int(torch.randint(2, 9, (1,))),)).tolist() for _ in range(n)]
+def random_prompts(n, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def one_process_logprobs(model, prompts, n_new=8, top=5):
+    """i -> [(token, logprob, [[id, logprob] * top])] from one process's engine."""
+    engine = Engine(model, EngineConfig(num_blocks=64))
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=n_new, ignore_eos=True, logprobs=top))
+           for p in prompts]
+    got = {rid: [] for rid in ids}
+    while engine.has_unfinished():
+        for ev in engine.step():
+            got[ev.req_id].append((ev.token, ev.logprob, [list(t) for t in ev.top_logprobs]))
+    return [got[rid] for rid in ids]
 
 
 CASES = [  # (model, tp, pp, ep, dp, prompts)
@@ -51,19 +66,24 @@ CASES = [  # (model, tp, pp, ep, dp, prompts)
 
 @pytest.mark.parametrize("model, tp, pp, ep, dp, n_prompts", CASES)
 def test_layout_equals_one_process(model, tp, pp, ep, dp, n_prompts, hf_checkpoint, tmp_path):
+    """Every sampled token, its log probability and the top 5 of every step (prefill and
+    decode) equal one process's."""
     if model != "tiny":
         model = str(hf_checkpoint(model)[0])
     ref = build_model(model)
-    prompts = random_prompts(n_prompts, ref.cfg.vocab_size)
+    seed = 1000 + tp * 100 + pp * 10 + ep + dp
+    prompts = random_prompts(n_prompts, ref.cfg.vocab_size, seed)
     out = tmp_path / "out.json"
-    p = torchrun(tp * pp * dp, WORKER, model, tp, pp, ep, dp, json.dumps({"prompts": prompts}), out)
+    spec = {"prompts": prompts, "sampling": {"logprobs": 5}}
+    p = torchrun(tp * pp * dp, WORKER, model, tp, pp, ep, dp, json.dumps(spec), out)
     assert p.returncode == 0, p.stderr[-3000:]
     got = json.loads(out.read_text())
-    for i, (pr, want) in enumerate(zip(prompts, forward_logits(ref, prompts))):
-        diff = (torch.tensor(got["logits"][str(i)]) - want).abs().max().item()
-        assert diff <= 1e-4, f"prompt {i}: logits differ by {diff}"
-    want_tokens = generate_batch(ref, prompts, SamplingParams(max_new_tokens=8, ignore_eos=True))
-    assert [got["outputs"][str(i)] for i in range(len(prompts))] == want_tokens
+    for i, want in enumerate(one_process_logprobs(ref, prompts)):
+        assert got["outputs"][str(i)] == [t for t, _, _ in want], f"prompt {i} (seed {seed})"
+        for step, ((lp, top), (_, wlp, wtop)) in enumerate(zip(got["logprobs"][str(i)], want)):
+            assert abs(lp - wlp) <= 1e-4, f"prompt {i} step {step}: logprob {lp} vs {wlp}"
+            assert [t for t, _ in top] == [t for t, _ in wtop], f"prompt {i} step {step}: top-5 ids differ"
+            assert max(abs(a - b) for (_, a), (_, b) in zip(top, wtop)) <= 1e-4
 
 
 def test_generate_cli_under_torchrun_matches_one_process(hf_checkpoint, tmp_path):

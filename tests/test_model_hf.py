@@ -6,8 +6,9 @@ import pytest
 
 from moerun.model import AttnMeta
 from moerun.kvcache import KVCache
-from moerun.runner import build_model, forward_logits, generate_batch
-from moerun.sampling import SamplingParams
+from moerun.build import build_model, forward_logits
+from moerun.engine import Engine
+from moerun.options import SamplingParams
 
 FAMILY_NAMES = ["olmoe", "mixtral", "qwen2_moe", "qwen3_moe"]
 
@@ -36,7 +37,7 @@ def test_greedy_generation_matches_transformers(family, hf_checkpoint):
     model = build_model(str(path))
     gen = torch.Generator().manual_seed(torch.seed())
     prompts = random_prompts(3, model.cfg.vocab_size, gen, lo=2, hi=10)
-    ours = generate_batch(model, prompts, SamplingParams(max_new_tokens=16))
+    ours = Engine(model).generate(prompts, SamplingParams(max_new_tokens=16))
     for p, o in zip(prompts, ours):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),

@@ -10,21 +10,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 
-from moerun import cost
 from moerun.config import ModelConfig
-from moerun.hardware import HardwareSpec
-from moerun.parallel import ParallelConfig, valid_layouts
-from moerun.plan import make_plan, search
-from moerun.plan_cli import main as plan_main
-from moerun.plan_strategy import Strategy, Workload
+from moerun.parallel import ParallelConfig, ceil_range, valid_layouts
+from moerun.plan import HardwareSpec, Strategy, Workload, cost, make_plan, search
+from moerun.plan.cli import main as plan_main
 
 SEED = ModelConfig.load("seed-30b")
 TINY = ModelConfig.load("tiny")
 SEED_HW = HardwareSpec.load("seed")
-WL = Workload(concurrency=256, prompt_len=1024, output_len=256, dtype="bf16")
+WL = Workload(concurrency=256, prompt_len=1024, output_len=256, dtype="bfloat16")
 
 # seed-30b by hand
 S_ATTN = 1024 * (16 * 64 + 2 * 4 * 64) + 16 * 64 * 1024  # q,k,v + o = 2,621,440
@@ -77,11 +76,11 @@ def test_bytes_per_rank_tiny_tp2_ep4_pp2_dp2():
     assert [r.bytes for r in rep.per_rank] == [2 * first] * 4 + [2 * last] * 4
     # EP groups are carved from a stage's dp*tp = 4 ranks: one group of 4 per stage
     assert [(r.ep_group, r.ep_rank) for r in rep.per_rank[:4]] == [(0, 0), (0, 1), (0, 2), (0, 3)]
-    # KV room = memory - weights - reserve; fp32 example checks the dtype is used
+    # KV room = memory - weights - reserve; float32 example checks the dtype is used
     r0 = rep.per_rank[0]
     assert r0.kv_room_bytes == int(64e9 - 4e9) - 2 * first
     assert r0.kv_tokens_max == r0.kv_room_bytes // (8 * 1 * 32 * 2 * 2)
-    fp32 = plan(TINY, 2, 2, 4, 2, 8, wl=dataclasses.replace(WL, dtype="fp32"))
+    fp32 = plan(TINY, 2, 2, 4, 2, 8, wl=dataclasses.replace(WL, dtype="float32"))
     assert fp32.per_rank[0].bytes == 4 * first
 
 
@@ -108,8 +107,11 @@ def test_qwen2_shared_expert_and_dense_layer_are_replicated_over_tp():
 
 
 def test_vocab_ceil_split():
-    assert [cost.ceil_share(10, 4, i) for i in range(4)] == [3, 3, 3, 1]
-    assert [cost.ceil_share(10, 8, i) for i in range(8)] == [2, 2, 2, 2, 2, 0, 0, 0]
+    assert [len(ceil_range(10, 4, i)) for i in range(4)] == [3, 3, 3, 1]
+    assert [len(ceil_range(10, 8, i)) for i in range(8)] == [2, 2, 2, 2, 2, 0, 0, 0]
+    assert ceil_range(10, 4, 3) == range(9, 10) and ceil_range(10, 8, 6) == range(10, 10)
+    par = ParallelConfig(tp=4)
+    assert [par.vocab_rows_of(t, 10) for t in range(4)] == [range(0, 3), range(3, 6), range(6, 9), range(9, 10)]
 
 
 # ------------------------------------------------------------------ communication and pipeline
@@ -246,6 +248,21 @@ def test_toml_unknown_keys_rejected(tmp_path):
     strat.write_text('name = "s"\n[layout]\ntp = 2\n[workload]\nbatch = 4\n')
     with pytest.raises(ValueError, match="unknown key.*batch"):
         Strategy.load(strat)
+
+
+def test_old_dtype_spelling_rejected_naming_the_accepted_ones(tmp_path):
+    strat = tmp_path / "s.toml"
+    strat.write_text('name = "s"\n[layout]\ntp = 2\n[workload]\ndtype = "bf16"\n')
+    with pytest.raises(ValueError, match=r"s\.toml \[workload\].*'bf16' is not one of "
+                                         r"float32, bfloat16, float16, float8"):
+        Strategy.load(strat)
+    assert plan_main(["--strategy", "baseline", "--dtype", "float32", "--json"]) == 0
+
+
+def test_planner_imports_no_torch():
+    code = "import sys, moerun.plan, moerun.plan.cli; assert 'torch' not in sys.modules"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.parametrize("family, layout", [("qwen2_moe", (2, 2, 4, 2)), ("olmoe", (4, 1, 2, 2)),

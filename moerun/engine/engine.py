@@ -1,43 +1,35 @@
-"""Engine: the API that generate and the server share.
+"""Engine: the leader's API that generate and the server share.
 
-    engine = Engine.local("tiny", EngineConfig(kv_cache_gb=1))        # one process
+    engine = Engine(model, EngineConfig(kv_cache_gb=1))              # one process
     rid = engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=8))
-    while engine.has_unfinished(): events = engine.step()            # [(id, token, finished)]
+    while engine.has_unfinished(): events = engine.step()            # [TokenEvent]
     outs = engine.generate(prompts, params)                           # offline, in input order
 
-Under torchrun, rank 0 builds the Engine (it holds the schedulers, one per DP replica)
-and every other rank calls ``serve_worker(runtime)``. A tick: the leader plans, for each
-replica, micro-batch ``t mod C`` (C = max(M, PP); micro-batches >= M are bubbles),
-broadcasts the plan on the gloo control group, every rank runs its stage's step (see
+Under torchrun, rank 0 builds the Engine with the mesh (it holds the schedulers, one per
+DP replica) and every other rank calls ``follow_leader``. A tick: the leader plans, for
+each replica, micro-batch ``t mod C`` (C = max(M, PP); micro-batches >= M are bubbles),
+broadcasts the plan as a ``Tick``, every rank runs its stage's step (see
 ``StageWorker``), and the samplers' tokens are gathered back to the leader, which applies
-the step the last stage just finished.
+the step the last stage just finished. A request leaves the engine with its last
+``TokenEvent``: the engine keeps only what is still running or waiting.
 """
 from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from ..kvcache import KVCache
 from ..mesh import gather_to_rank0
-from ..sampling import SamplingParams
-from .request import Request, Status, check_prompt
+from ..options import EngineConfig, SamplingParams
+from .messages import Stop, Tick
+from .request import Request, Status, TokenEvent, check_prompt
 from .scheduler import Scheduler
 from .worker import StageWorker
 
 log = logging.getLogger("moerun")
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_batch_tokens: int = 2048  # tokens one micro-batch step may compute
-    kv_cache_gb: float | None = None  # per rank; None: 256 MiB on CPU, 90% of free memory on GPU
-    block_size: int = 16
-    micro_batches: int | None = None  # None: = PP
-    num_blocks: int | None = None  # overrides kv_cache_gb (tests)
 
 
 def kv_blocks(model, cfg: EngineConfig, mesh=None) -> int:
@@ -55,7 +47,7 @@ def kv_blocks(model, cfg: EngineConfig, mesh=None) -> int:
         else:
             budget = 2**28  # CPU: 256 MiB unless --kv-cache-gb says otherwise
         n = int(budget // per_block)
-    if mesh is not None and mesh.par.world_size > 1:
+    if mesh is not None:
         t = torch.tensor([n], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=mesh.ctrl)
         n = int(t.item())
@@ -70,36 +62,30 @@ def stage_worker(model, cfg: EngineConfig, mesh=None) -> StageWorker:
 
 
 class Engine:
-    def __init__(self, model, cfg: EngineConfig, mesh=None):
+    def __init__(self, model, cfg: EngineConfig = EngineConfig(), mesh=None):
         self.cfg, self.mesh, self.model = cfg, mesh, model
         self.pp = mesh.par.pp if mesh else 1
         self.dp = mesh.par.dp if mesh else 1
-        if cfg.micro_batches is not None and cfg.micro_batches < 1:
-            raise ValueError(f"--micro-batches must be >= 1, got {cfg.micro_batches}")
         self.M = cfg.micro_batches or self.pp
         self.cycle = max(self.M, self.pp)
         self.worker = stage_worker(model, cfg, mesh)
         self.num_blocks = self.worker.cache.num_blocks
         self.schedulers = [Scheduler(self.num_blocks, cfg.block_size, cfg.max_batch_tokens, self.M)
                            for _ in range(self.dp)]
-        self.requests: dict[int, Request] = {}
+        self.requests: dict[int, Request] = {}  # running or waiting only
         self.ids = itertools.count()
         self.tick = 0
-        self.sent: dict[int, list] = {}  # tick -> plans, until the last stage has run them
-        self.finished_ids: list[int] = []
+        self.sent: dict[int, tuple] = {}  # tick -> plans, until the last stage has run them
+        self.finished_ids: list[int] = []  # since the last tick, for the workers' sampler state
+        self.aborted_events: list[TokenEvent] = []  # aborts outside the pipeline, for the next step
         self.peak_blocks_used = 0
         log.info("KV cache: %d blocks of %d tokens = %d tokens per replica (%.2f GiB on this rank)",
                  self.num_blocks, cfg.block_size, self.num_blocks * cfg.block_size,
                  self.worker.cache.bytes() / 2**30)
 
-    @staticmethod
-    def local(model_name: str, cfg: EngineConfig = EngineConfig(), **build) -> "Engine":
-        from ..runner import build_model
-
-        return Engine(build_model(model_name, **build), cfg)
-
     # ---------------------------------------------------------------- the API
     def add_request(self, prompt: list[int], params: SamplingParams) -> int:
+        """Queue a request; a ValueError (bad ids, too long for the cache) changes nothing."""
         check_prompt(prompt, self.model.cfg.vocab_size)
         need = -(-(len(prompt) + params.max_new_tokens) // self.cfg.block_size)
         if need > self.num_blocks:
@@ -115,88 +101,116 @@ class Engine:
         return rid
 
     def abort(self, rid: int) -> None:
+        """Stop a request. Not in the pipeline: it leaves now, its blocks freed, and the
+        next step reports its ``abort`` event. In flight: it leaves when its step comes
+        back (stages may still write its KV), with that event."""
         req = self.requests.get(rid)
-        if req is None or req.status is Status.FINISHED:
+        if req is None:
             return
         req.aborted = True
         if not req.in_flight:
             self._finish(req, "abort")
+            self.aborted_events.append(TokenEvent(rid, None, True, "abort"))
 
     def has_unfinished(self) -> bool:
-        return any(r.status is not Status.FINISHED for r in self.requests.values())
+        return bool(self.requests) or bool(self.aborted_events)
 
-    def step(self) -> list[tuple[int, int | None, bool]]:
-        """One tick. Returns (request id, new token or None, finished) events."""
+    def step(self) -> list[TokenEvent]:
+        """One tick."""
         t, mb = self.tick, self.tick % self.cycle
-        plans = [s.schedule(mb) if mb < self.M else None for s in self.schedulers]
-        self.peak_blocks_used = max(self.peak_blocks_used,
-                                    max(self.num_blocks - len(s.blocks.free) for s in self.schedulers))
-        finished, self.finished_ids = self.finished_ids, []
-        if self.mesh is not None and self.mesh.par.world_size > 1:
-            msg = [{"tick": t, "plans": plans, "finished": finished, "cycle": self.cycle}]
-            dist.broadcast_object_list(msg, src=0, group=self.mesh.ctrl)
+        plans = tuple(tuple(s.schedule(mb)) if mb < self.M else None for s in self.schedulers)
+        self.peak_blocks_used = max(self.peak_blocks_used, self.blocks_used())
+        finished, self.finished_ids = tuple(self.finished_ids), []
+        if self.mesh is not None:
+            dist.broadcast_object_list([Tick(t, self.cycle, plans, finished)], src=0, group=self.mesh.wake)
         self.sent[t] = plans
-        tokens = self.worker.run_tick(t, plans[0], self.cycle, finished)
-        if self.mesh is not None and self.mesh.par.world_size > 1:
-            tokens = gather_to_rank0(self.mesh, tokens)
+        sampled = self.worker.run_tick(t, plans[0], self.cycle, finished)
+        if self.mesh is not None:
+            sampled = gather_to_rank0(self.mesh, sampled)
         self.tick += 1
-        return self._apply(self.sent.pop(t - (self.pp - 1), None), tokens)
+        events, self.aborted_events = self.aborted_events, []
+        return events + self._apply(self.sent.pop(t - (self.pp - 1), None), sampled)
 
     def generate(self, prompts: list[list[int]], params) -> list[list[int]]:
+        """Every prompt to the end; the output ids in input order."""
         params = params if isinstance(params, list) else [params] * len(prompts)
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        out: dict[int, list[int]] = {i: [] for i in ids}
         while self.has_unfinished():
-            self.step()
-        return [self.requests[i].output for i in ids]
+            for ev in self.step():
+                if ev.token is not None and ev.req_id in out:
+                    out[ev.req_id].append(ev.token)
+        return [out[i] for i in ids]
 
     def shutdown(self) -> None:
-        if self.mesh is not None and self.mesh.par.world_size > 1:
-            dist.broadcast_object_list([{"stop": True}], src=0, group=self.mesh.ctrl)
+        if self.mesh is not None:
+            dist.broadcast_object_list([Stop()], src=0, group=self.mesh.wake)
         self.worker.drain()
 
+    # ------------------------------------------------------------------ state
+    def blocks_used(self) -> int:
+        """KV blocks held in the fullest replica."""
+        return max(self.num_blocks - len(s.blocks.free) for s in self.schedulers)
+
+    def kv_usage(self) -> float:
+        """Fraction of the KV cache in use, over all replicas (0..1)."""
+        free = sum(len(s.blocks.free) for s in self.schedulers)
+        return 1.0 - free / (self.num_blocks * self.dp)
+
+    def num_running(self) -> int:
+        return sum(len(s.running) for s in self.schedulers)
+
+    def num_waiting(self) -> int:
+        return sum(len(s.waiting) for s in self.schedulers)
+
+    @property
+    def num_preemptions(self) -> int:
+        return sum(s.num_preemptions for s in self.schedulers)
+
     # ------------------------------------------------------------- internals
-    def _apply(self, plans, tokens: dict[int, int]):
+    def _apply(self, plans, sampled: dict) -> list[TokenEvent]:
         events = []
-        for steps in plans or []:
-            for s in steps or []:
-                req = self.requests[s.req_id]
-                req.in_flight = False
-                if req.status is Status.FINISHED:
+        for steps in plans or ():
+            for s in steps or ():
+                req = self.requests.get(s.req_id)
+                if req is None:  # left the engine while this step was in flight
                     continue
+                req.in_flight = False
                 req.num_computed = s.start + len(s.tokens)
                 if req.aborted:
                     self._finish(req, "abort")
-                    events.append((req.id, None, True))
+                    events.append(TokenEvent(req.id, None, True, "abort"))
                     continue
                 if not s.sample:
                     continue
-                tok = tokens[s.req_id]
+                tok, lp, top = sampled[s.req_id]
                 req.output.append(tok)
                 p = req.params
                 reason = ("stop" if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.model.cfg.eos_token_ids)
                           else "length" if len(req.output) >= p.max_new_tokens else None)
                 if reason:
                     self._finish(req, reason)
-                events.append((req.id, tok, reason is not None))
+                events.append(TokenEvent(req.id, tok, reason is not None, reason, lp, top))
         return events
 
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason = reason
         self.schedulers[req.replica].finish(req)
         self.finished_ids.append(req.id)
+        del self.requests[req.id]
 
 
-def serve_worker(runtime, cfg: EngineConfig) -> StageWorker:
-    """Every rank but 0: follow the leader's ticks until it says stop."""
-    mesh = runtime.mesh
-    worker = stage_worker(runtime.model, cfg, mesh)
+def follow_leader(model, cfg: EngineConfig, mesh) -> StageWorker:
+    """Every rank but 0: run the leader's ticks until it says stop."""
+    worker = stage_worker(model, cfg, mesh)
     while True:
-        msg = [None]
-        dist.broadcast_object_list(msg, src=0, group=mesh.ctrl)
-        m = msg[0]
-        if m.get("stop"):
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=mesh.wake)
+        msg = box[0]
+        if isinstance(msg, Stop):
             break
-        out = worker.run_tick(m["tick"], m["plans"][mesh.coord.dp], m["cycle"], m["finished"])
+        assert isinstance(msg, Tick), f"unexpected control message {type(msg).__name__}"
+        out = worker.run_tick(msg.tick, msg.plans[mesh.coord.dp], msg.cycle, msg.finished)
         gather_to_rank0(mesh, out)
     worker.drain()
     return worker

@@ -3,14 +3,15 @@
 Shape of a step: the leader's plan for one tick holds, for each DP replica, either
 ``None`` (the replica's stages idle this tick: a pipeline bubble) or a list of
 ``SeqStep``: feed tokens ``[start, start + n)`` of a request, whose KV lives in
-``blocks``, and sample a token after them when ``sample`` is set.
+``blocks``, and sample a token after them when ``sample`` is set. What the engine
+reports back to its caller is a ``TokenEvent`` per request per step.
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
 
-from ..sampling import SamplingParams
+from ..options import SamplingParams
 
 
 def check_prompt(prompt: list[int], vocab_size: int) -> None:
@@ -60,4 +61,17 @@ class SeqStep:
     start: int
     tokens: tuple[int, ...]  # the tokens fed: positions [start, start + len(tokens))
     sample: bool
-    params: SamplingParams | None = None  # sent with the first step that samples (sampler state)
+    params: SamplingParams | None = None  # with every step that samples: the sampler needs it
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """What one step did for one request: its new token (None when it ended without one,
+    e.g. aborted), the token's log probability and top-N when asked for, and whether this
+    was the request's last event (then it has left the engine)."""
+    req_id: int
+    token: int | None
+    finished: bool
+    finish_reason: str | None = None  # "stop" | "length" | "abort" when finished
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()

@@ -38,6 +38,7 @@ class Scheduler:
         self.num_micro_batches = num_micro_batches
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.num_preemptions = 0  # since start (the server's counter)
 
     def load(self) -> int:
         """Tokens this replica still has to hold: for spreading requests over replicas."""
@@ -74,6 +75,7 @@ class Scheduler:
         self.running.remove(victim)
         victim.status, victim.num_computed = Status.WAITING, 0
         victim.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(victim)
 
     def schedule(self, mb: int) -> list[SeqStep]:

@@ -5,7 +5,9 @@ At tick t a rank of stage s runs the step its replica's plan gave at tick ``t - 
 hidden states with an ``irecv`` posted at the end of the previous tick, computes, sends
 its output on with ``isend`` and posts the ``irecv`` for the next tick before the tick's
 control collectives, so transfers overlap compute and never wait on a sender. The last
-stage samples (TP rank 0 only) and returns the tokens.
+stage samples (TP rank 0 only) and returns the tokens (with log probabilities for the
+requests that ask). ``trace`` keeps the last ``TRACE_TICKS`` ticks (a ring buffer: a
+server runs for ever); ``clear_trace`` starts a fresh run.
 
 Shape legend: T = tokens of the step, H = hidden, V = vocab.
 """
@@ -13,13 +15,16 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 
 import torch
 import torch.distributed as dist
 
 from ..model import AttnMeta
-from ..sampling import make_generator, sample
+from ..sampling import Sampled, logprobs_of, make_generator, sample
 from .request import SeqStep
+
+TRACE_TICKS = 100_000  # (tick, stage, micro_batch, tokens, busy_s, wait_s) rows kept per rank
 
 
 class StageWorker:
@@ -33,7 +38,7 @@ class StageWorker:
         self.pending_recv = None  # (buffer, work) for the next tick
         self.pending_send = []
         self.gens: dict[int, object] = {}
-        self.trace: list[tuple] = []  # (tick, stage, micro_batch, tokens, busy_s, wait_s)
+        self.trace: deque[tuple] = deque(maxlen=TRACE_TICKS)  # (tick, stage, micro_batch, tokens, busy_s, wait_s)
         kill = os.environ.get("MOERUN_TEST_KILL")  # "rank:tick": that rank dies there (tests)
         rank = mesh.rank if mesh else 0
         self.kill_at = int(kill.split(":")[1]) if kill and int(kill.split(":")[0]) == rank else None
@@ -48,9 +53,9 @@ class StageWorker:
 
     @torch.inference_mode()
     def run_tick(self, tick: int, my_plan: list[SeqStep] | None, cycle: int,
-                 finished: list[int] = ()) -> dict[int, int]:
+                 finished=()) -> dict[int, Sampled]:
         """Run this rank's share of tick ``tick``; ``my_plan`` is the replica's new plan
-        (stage 0's step). Returns {request id: token} on the sampler rank."""
+        (stage 0's step). Returns {request id: (token, logprob, top-N)} on the sampler rank."""
         if tick == self.kill_at:
             os._exit(3)  # a test simulates a crashed rank
         for rid in finished:
@@ -59,7 +64,7 @@ class StageWorker:
         steps = self.history.pop(tick - self.stage, None)
         t0 = time.perf_counter()
         wait = 0.0
-        out: dict[int, int] = {}
+        out: dict[int, Sampled] = {}
         if steps is not None:  # None: a bubble, the same on every replica
             x = self._input(tick, steps)
             wait = time.perf_counter() - t0
@@ -96,13 +101,16 @@ class StageWorker:
         self.pending_recv = None
         return buf
 
-    def _sample(self, logits_RV: torch.Tensor, steps: list[SeqStep]) -> dict[int, int]:
+    def _sample(self, logits_RV: torch.Tensor, steps: list[SeqStep]) -> dict[int, Sampled]:
         for s in steps:
             if s.req_id not in self.gens:
                 self.gens[s.req_id] = make_generator(s.params, s.req_id)
         params = [s.params for s in steps]
         toks = sample(logits_RV, params, [self.gens[s.req_id] for s in steps])
-        return {s.req_id: t for s, t in zip(steps, toks)}
+        return {s.req_id: r for s, r in zip(steps, logprobs_of(logits_RV, toks, [p.logprobs for p in params]))}
+
+    def clear_trace(self) -> None:
+        self.trace.clear()
 
     def drain(self) -> None:
         for w in self.pending_send:

@@ -4,8 +4,8 @@
 rows. Queries are scattered into a padded ``[B, Nq, ...]`` block so one
 ``scaled_dot_product_attention`` call per layer serves prefill, decode and any mix.
 
-Shape legend: T = new tokens, B = sequences, Nq = most new tokens of one sequence,
-L = longest cached length, N = heads (local), D = head dim.
+Shape legend: T = new tokens, B = sequences, P = blocks per block table, Nq = most new
+tokens of one sequence, L = longest cached length, N = heads (local), D = head dim.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from .layers import FusedLinear, Linear, RMSNorm, apply_rope
 class AttnMeta:
     slot_T: torch.Tensor  # flat KV cache slot each new token is written to
     pos_T: torch.Tensor  # position of each new token
-    table_BT: torch.Tensor  # each sequence's block table, padded with block 0 (masked)
+    table_BP: torch.Tensor  # each sequence's block table, padded with block 0 (masked)
     pad_index_T: torch.Tensor  # where each token sits in the flat [B * Nq] query block
     starts: list[int]
     lens: list[int]
@@ -76,16 +76,14 @@ class AttnMeta:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, comm: Comm, layer: int, dtype=None):
         super().__init__()
-        tp, r, D = comm.tp_size, comm.tp_rank, cfg.head_dim
+        r, D = comm.tp_rank, cfg.head_dim
         self.cfg, self.comm, self.window = cfg, comm, cfg.sliding_windows[layer]
-        self.num_heads = cfg.num_heads // tp
-        if cfg.num_kv_heads >= tp:
-            self.num_kv_heads, kv0 = cfg.num_kv_heads // tp, r * (cfg.num_kv_heads // tp)
-        else:  # more TP ranks than KV heads: each rank holds one replicated KV head
-            self.num_kv_heads, kv0 = 1, r // (tp // cfg.num_kv_heads)
-        self.kv_replicas = max(tp // cfg.num_kv_heads, 1)
-        q_part = range(r * self.num_heads * D, (r + 1) * self.num_heads * D)
-        kv_part = range(kv0 * D, (kv0 + self.num_kv_heads) * D)
+        heads, kv_heads = comm.q_heads(cfg.num_heads), comm.kv_heads(cfg.num_kv_heads)
+        self.num_heads, self.num_kv_heads = len(heads), len(kv_heads)
+        # more TP ranks than KV heads: each rank holds one replicated KV head
+        self.kv_replicas = comm.kv_replicas(cfg.num_kv_heads)
+        q_part = range(heads.start * D, heads.stop * D)
+        kv_part = range(kv_heads.start * D, kv_heads.stop * D)
         H, Q, KV = cfg.hidden_size, cfg.num_heads * D, cfg.num_kv_heads * D
         self.q_part, self.kv_part = q_part, kv_part
         # q, k and v in one matmul; the checkpoint's q_proj / k_proj / v_proj fill its rows
@@ -127,7 +125,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos_TD, sin_TD), apply_rope(k, cos_TD, sin_TD)
         cache.write(layer, meta.slot_T, k, v)
-        k_BLND, v_BLND = cache.read(layer, meta.table_BT, meta.max_len)
+        k_BLND, v_BLND = cache.read(layer, meta.table_BP, meta.max_len)
         B = len(meta.lens)
         if meta.uniform:  # every sequence has max_new new tokens (e.g. all decode): no padding
             q_pad = q

@@ -111,19 +111,13 @@ class FusedLinear(nn.Module):
         return out
 
 
-def vocab_part(vocab_size: int, comm: Comm) -> range:
-    per = -(-vocab_size // comm.tp_size)
-    start = min(comm.tp_rank * per, vocab_size)
-    return range(start, min(start + per, vocab_size))
-
-
 class VocabParallelEmbedding(nn.Module):
     """Rows ``part`` of the embedding table; ids outside it give zeros, summed over TP."""
 
     def __init__(self, vocab_size: int, hidden: int, comm: Comm, dtype=None):
         super().__init__()
         self.vocab_size, self.hidden, self.comm = vocab_size, hidden, comm
-        self.part = vocab_part(vocab_size, comm)
+        self.part = comm.vocab_rows(vocab_size)
         self.weight = nn.Parameter(torch.empty(len(self.part), hidden, dtype=dtype))
 
     def forward(self, ids_T: torch.Tensor) -> torch.Tensor:
@@ -145,7 +139,7 @@ class LMHead(nn.Module):
                  dtype=None):
         super().__init__()
         self.vocab_size, self.hidden, self.comm = vocab_size, hidden, comm
-        self.part = vocab_part(vocab_size, comm)
+        self.part = comm.vocab_rows(vocab_size)
         self.tied = tied is not None
         self.weight = tied.weight if tied is not None else nn.Parameter(
             torch.empty(len(self.part), hidden, dtype=dtype))

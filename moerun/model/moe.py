@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels as K
+from .. import kernels
 from ..comm import Comm
 from ..config import ModelConfig
 from ..weights_spec import TensorSpec
@@ -53,8 +53,8 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg, self.comm = cfg, comm
         E, H, Fw = cfg.num_experts, cfg.hidden_size, cfg.moe_ffn
-        self.num_local = E // comm.ep_size
-        self.expert_start = comm.ep_rank * self.num_local
+        mine = comm.experts(E)
+        self.num_local, self.expert_start = len(mine), mine.start
         self.gate = Linear(H, E, dtype=dtype)  # the router, replicated
         self.w13 = nn.Parameter(torch.empty(self.num_local, H, 2 * Fw, dtype=dtype).transpose(1, 2))
         self.w2 = nn.Parameter(torch.empty(self.num_local, Fw, H, dtype=dtype).transpose(1, 2))
@@ -63,12 +63,12 @@ class MoE(nn.Module):
 
     def route(self, x_tH: torch.Tensor):
         logits_tE = self.gate(x_tH)
-        return K.topk_softmax(logits_tE, self.cfg.top_k, self.cfg.norm_topk_prob)  # [t, K] f32, int32
+        return kernels.topk_softmax(logits_tE, self.cfg.top_k, self.cfg.norm_topk_prob)  # [t, K] f32, int32
 
     def forward(self, x_tH: torch.Tensor) -> torch.Tensor:
         weights_tK, ids_tK = self.route(x_tH)
         if self.comm.ep_size == 1:
-            out = K.fused_moe(x_tH, self.w13, self.w2, weights_tK, ids_tK)
+            out = kernels.fused_moe(x_tH, self.w13, self.w2, weights_tK, ids_tK)
         else:
             out = self._expert_parallel(x_tH, weights_tK, ids_tK)
         if self.shared_expert is not None:
@@ -79,17 +79,17 @@ class MoE(nn.Module):
         """The seam: dispatch token-slots to the EP ranks owning their experts, run the
         local experts on what arrives, send the results back and combine."""
         comm, E = self.comm, self.cfg.num_experts
-        owner_E = K.contiguous_expert_ranks(E, comm.ep_size, x_tH.device)
-        send, send_splits, meta = K.dispatch(x_tH, ids_tK, weights_tK, owner_E, num_ranks=comm.ep_size)
+        owner_E = kernels.contiguous_expert_ranks(E, comm.ep_size, x_tH.device)
+        send, send_splits, meta = kernels.dispatch(x_tH, ids_tK, weights_tK, owner_E, num_ranks=comm.ep_size)
         send_splits = [int(n) for n in send_splits]
         recv_splits = comm.ep_exchange_counts(torch.tensor(send_splits)).tolist()
         recv_RH = comm.ep_all_to_all(send, send_splits, recv_splits)
         recv_ids_R = comm.ep_all_to_all(meta.expert_of_row, send_splits, recv_splits)
         ones_R1 = torch.ones(recv_RH.shape[0], 1, dtype=torch.float32, device=x_tH.device)
-        y_RH = K.fused_moe(recv_RH, self.w13, self.w2, ones_R1, recv_ids_R[:, None],
+        y_RH = kernels.fused_moe(recv_RH, self.w13, self.w2, ones_R1, recv_ids_R[:, None],
                            expert_start=self.expert_start, num_local_experts=self.num_local)
         back = comm.ep_all_to_all(y_RH, recv_splits, send_splits)
-        return K.combine(back, meta)
+        return kernels.combine(back, meta)
 
     def specs(self, prefix: str) -> list[TensorSpec]:
         cfg, Fw, H = self.cfg, self.cfg.moe_ffn, self.cfg.hidden_size

@@ -35,8 +35,8 @@ class DecoderLayer(nn.Module):
         T = h_TH.shape[0]
         a_TH = self.self_attn(self.input_layernorm(h_TH), cos, sin, meta, cache, local_layer)
         a_tH = self.comm.tp_reduce_scatter_tokens(a_TH)  # sum over TP, keep 1/tp of tokens
-        s, e = self.comm.tp_token_range(T)
-        h_tH = h_TH[s:e] + a_tH
+        mine = self.comm.token_rows(T)
+        h_tH = h_TH[mine.start:mine.stop] + a_tH
         h_tH = h_tH + self.mlp(self.post_attention_layernorm(h_tH))
         return self.comm.tp_all_gather_tokens(h_tH, T)
 

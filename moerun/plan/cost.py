@@ -1,8 +1,13 @@
 """The planner's formulas: one small named function per quantity, each stating its assumptions.
 
 Pure arithmetic on ``ModelConfig`` / ``ParallelConfig`` numbers (no torch, no process
-groups), so tests can check every one against a hand computation. ``moerun.plan`` and
-``moerun.plan_roofline`` assemble them into a projection.
+groups), so tests can check every one against a hand computation. Parameter counts come
+from ``ModelConfig``'s size methods and every shard (heads, experts, vocabulary rows) from
+``ParallelConfig``'s shard ranges: this module only adds them up. ``moerun.plan.planner``
+and ``moerun.plan.roofline`` assemble these into a plan and a projection.
+
+    cost.rank_params(model, par, rank).total     # parameters one rank holds
+    cost.expert_load(tokens, top_k, E, ep)       # (mean, expected max) per expert-rank
 
 Legend: T = tokens, H = hidden size, E = experts, K = top-k, F = expert FFN width,
 b = bytes per element, V = vocabulary, ep/tp/pp = parallel degrees, M = micro-batches.
@@ -14,18 +19,11 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .config import ModelConfig
-from .parallel import ParallelConfig
+from ..config import ModelConfig
+from ..parallel import ParallelConfig
 
 
 # --------------------------------------------------------------------------- sharding
-def ceil_share(n: int, parts: int, idx: int) -> int:
-    """Rows of an ``n``-row tensor on part ``idx`` of a ceil split (vocab-parallel): every part
-    gets ceil(n/parts) rows except the last ones, which get what is left (possibly 0)."""
-    c = -(-n // parts)
-    return max(0, min(c, n - idx * c))
-
-
 @dataclass(frozen=True)
 class RankParams:
     """Parameters one rank holds, by kind (counts, not bytes)."""
@@ -44,52 +42,27 @@ class RankParams:
                 + self.embedding + self.lm_head)
 
 
-def attention_matmul_params(model: ModelConfig, q_heads: int, kv_heads: int) -> int:
-    """q, k, v (column-parallel) and o (row-parallel) weights for ``q_heads`` / ``kv_heads``."""
-    H, hd = model.hidden_size, model.head_dim
-    return H * q_heads * hd + 2 * H * kv_heads * hd + q_heads * hd * H
-
-
-def attention_rank_params(model: ModelConfig, q_heads: int, kv_heads: int) -> int:
-    """One layer's attention on one TP rank. Biases of q/k/v and an OLMoE "full" qk-norm are
-    sharded with their columns; the o bias and a per-head ("head") qk-norm are replicated."""
-    hd = model.head_dim
-    n = attention_matmul_params(model, q_heads, kv_heads)
-    if model.qkv_bias:
-        n += q_heads * hd + 2 * kv_heads * hd
-    if model.o_bias:
-        n += model.hidden_size
-    if model.qk_norm == "full":
-        n += q_heads * hd + kv_heads * hd
-    elif model.qk_norm == "head":
-        n += 2 * hd
-    return n
-
-
 def rank_params(model: ModelConfig, par: ParallelConfig, rank: int) -> RankParams:
     """Exact parameters of ``rank`` under moerun's sharding (see moerun.parallel). A tied
     embedding needs a second copy on the last stage when pp > 1 (the LM head lives there)."""
     c = par.coord(rank)
     H = model.hidden_size
     layers = par.stage_layers(model.num_layers)[c.pp]
-    q_heads = model.num_heads // par.tp
+    q_heads = len(par.q_heads_of(c.tp, model.num_heads))
     kv_heads = len(par.kv_heads_of(c.tp, model.num_kv_heads))
+    local_experts = len(par.experts_of(c.ep_rank, model.num_experts))
     attn = norms = router = experts = mlp = 0
     for i in layers:
-        attn += attention_rank_params(model, q_heads, kv_heads)
-        norms += 2 * H
-        if model.moe_layers[i]:
-            router += model.num_experts * H
-            experts += (model.num_experts // par.ep) * model.expert_params()
-            if model.shared_expert_ffn:
-                mlp += 3 * H * model.shared_expert_ffn + H
-        else:
-            mlp += 3 * H * model.dense_ffn
-    rows = ceil_share(model.vocab_size, par.tp, c.tp)
+        attn += model.attn_params(q_heads, kv_heads)
+        norms += model.norm_params()
+        router += model.router_params(i)
+        experts += local_experts * model.expert_params() if model.moe_layers[i] else 0
+        mlp += model.mlp_params(i)
+    rows = len(par.vocab_rows_of(c.tp, model.vocab_size))
     first, last = c.pp == 0, c.pp == par.pp - 1
     emb = rows * H if first or (last and model.tie_word_embeddings and par.pp > 1) else 0
     head = rows * H if last and not model.tie_word_embeddings else 0
-    norms += H if last else 0
+    norms += H if last else 0  # the final norm
     return RankParams(attn, norms, router, experts, mlp, emb, head)
 
 
@@ -219,14 +192,11 @@ def decode_round_ticks(pp: int, micro_batches: int) -> int:
 # --------------------------------------------------------------------------- whole model
 def _layer_flops(model: ModelConfig, layer: int, ctx: float) -> float:
     """FLOPs of one token in ``layer`` attending to ``ctx`` keys (no parallelism, no replication)."""
-    H = model.hidden_size
-    f = matmul_flops(1, attention_matmul_params(model, model.num_heads, model.num_kv_heads))
+    f = matmul_flops(1, model.attn_matmul_params())
     f += attn_core_flops(model.num_heads, model.head_dim, ctx)
+    f += matmul_flops(1, model.router_params(layer) + model.mlp_params(layer))
     if model.moe_layers[layer]:
-        f += matmul_flops(1, model.num_experts * H + model.top_k * model.expert_params())
-        f += matmul_flops(1, 3 * H * model.shared_expert_ffn)
-    else:
-        f += matmul_flops(1, 3 * H * model.dense_ffn)
+        f += matmul_flops(1, model.top_k * model.expert_params())
     return f
 
 

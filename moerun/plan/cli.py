@@ -1,12 +1,13 @@
 """``moerun plan``: check a layout and project it on a hardware spec, search layouts, or check claims.
 
-    python -m moerun.plan_cli --strategy baseline --hardware seed --gpus 16
-    python -m moerun.plan_cli --model tiny --hardware cpu --gpus 8 --tp 2 --pp 2 --ep 4 --dp 2 --json
-    python -m moerun.plan_cli --model seed-30b --hardware seed --gpus 16 --search --max-tpot-ms 50
-    python -m moerun.plan_cli --claims seed            # same as python -m moerun.claims seed
+    moerun plan --strategy baseline --hardware seed --gpus 16
+    moerun plan --model tiny --hardware cpu --gpus 8 --tp 2 --pp 2 --ep 4 --dp 2 --json
+    moerun plan --model seed-30b --hardware seed --gpus 16 --search --max-tpot-ms 50
+    moerun plan --claims seed [--measured m.json] [--json]   # configs/claims/seed.toml
 
-Exit codes: 0 valid (or a search / claims table printed), 2 invalid layout (every broken rule
-listed; with --json the object is still printed, with "valid": false), 1 bad arguments.
+(``python -m moerun.plan.cli`` is the same command.) Exit codes: 0 valid (or a search /
+claims table printed), 2 invalid layout (every broken rule listed; with --json the object
+is still printed, with "valid": false), 1 bad arguments (2 when argparse rejects them).
 """
 from __future__ import annotations
 
@@ -15,12 +16,15 @@ import dataclasses
 import json
 import sys
 
-from .config import ModelConfig
+from ..args import add_layout_args
+from ..config import ModelConfig
+from ..dtypes import DTYPE_BYTES
+from ..parallel import ParallelConfig
+from .claims import ClaimsFile, check, load_measured
+from .format import format_claims, format_plan, format_search
 from .hardware import HardwareSpec
-from .parallel import ParallelConfig
-from .plan import make_plan, search
-from .plan_format import format_plan, format_search
-from .plan_strategy import Strategy, Workload
+from .planner import make_plan, search
+from .strategy import Strategy, Workload
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,21 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpus", type=int, help="GPUs (processes) available "
                                              "(default: the strategy's, else the hardware's count)")
     ap.add_argument("--strategy", help="preset in configs/strategies/ or a .toml path")
-    for axis in ("tp", "pp", "ep", "dp"):
-        ap.add_argument(f"--{axis}", type=int, help=f"{axis.upper()} degree (overrides the strategy's)")
+    add_layout_args(ap, default=None, timeout=False, title="layout (overrides the strategy's)")
     ap.add_argument("--micro-batches", type=int, help="pipeline micro-batches per replica (default: pp)")
     wl = ap.add_argument_group("workload (overrides the strategy's [workload])")
     wl.add_argument("--concurrency", type=int, help="concurrent sequences in the whole deployment")
     wl.add_argument("--prompt-len", type=int)
     wl.add_argument("--output-len", type=int)
-    wl.add_argument("--dtype", choices=("fp32", "bf16", "fp16", "fp8"))
+    wl.add_argument("--dtype", choices=list(DTYPE_BYTES))
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--search", action="store_true", help="rank every valid layout by projected throughput")
     ap.add_argument("--max-tpot-ms", type=float, help="with --search: keep layouts under this TPOT")
     ap.add_argument("--top", type=int, default=10, help="with --search: how many to print (default 10)")
     ap.add_argument("--claims", metavar="NAME", help="check a claims file (configs/claims/NAME.toml) "
                                                     "and print its table; other options are ignored")
-    ap.add_argument("--measured", help="with --claims: JSON file of measured values")
+    ap.add_argument("--measured", help="with --claims: JSON file of measured values "
+                                       "(format: moerun.plan.claims)")
     return ap
 
 
@@ -75,13 +79,25 @@ def resolve(args) -> tuple[ModelConfig, HardwareSpec, int, ParallelConfig, Workl
     return model, hw, gpus, layout, workload
 
 
+def claims_main(args) -> int:
+    """Check a claims file and print its table (or, with --json, one object)."""
+    cf = ClaimsFile.load(args.claims)
+    measured, source = load_measured(args.measured) if args.measured else ({}, "")
+    results = check(cf, measured)
+    if args.json:
+        print(json.dumps({"name": cf.name, "source": cf.source, "tolerance": cf.tolerance,
+                          "measured_source": source or None,
+                          "results": [dataclasses.asdict(r) for r in results]}, indent=1))
+    else:
+        print(format_claims(cf, results, source))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.claims:
-        from .claims import main as claims_main
-        return claims_main([args.claims] + (["--measured", args.measured] if args.measured else [])
-                           + (["--json"] if args.json else []))
     try:
+        if args.claims:
+            return claims_main(args)
         model, hw, gpus, layout, workload = resolve(args)
         if args.micro_batches is not None and args.micro_batches < 1:
             raise ValueError(f"--micro-batches {args.micro_batches} must be >= 1")

@@ -7,7 +7,7 @@ Loaded from ``configs/hardware/<name>.toml`` (or any .toml path); unknown keys a
 
 Units: GB = 1e9 bytes, GB/s = 1e9 bytes/s, TFLOP/s = 1e12 FLOP/s. Link bandwidths are per
 GPU and per direction (what one rank can send while it also receives), which is what the
-ring and all-to-all formulas in ``moerun.cost`` divide by. ``shared = true`` describes one
+ring and all-to-all formulas in ``moerun.plan.cost`` divide by. ``shared = true`` describes one
 box whose figures all ranks share (the gloo emulation on a CPU): each of N ranks then gets
 1/N of the compute, memory and memory bandwidth.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .plan_toml import from_table, load_toml, resolve_preset
+from .presets import from_table, load_toml, resolve_preset
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,11 @@
 """Strategy and Workload: a named layout plus the workload a projection assumes.
 
-Loaded from ``configs/strategies/<name>.toml`` (or a path); unknown keys are rejected.
+Loaded from ``configs/strategies/<name>.toml`` (or a path); unknown keys are rejected, and
+so is a dtype that is not one of ``moerun.dtypes.DTYPE_BYTES`` (spelled as torch does).
 
     s = Strategy.load("baseline")
     s.layout        # ParallelConfig(tp=8, pp=2, ep=8, dp=1)
-    s.workload      # Workload(concurrency=..., prompt_len=..., output_len=..., dtype="bf16")
+    s.workload      # Workload(concurrency=256, prompt_len=1024, output_len=256, dtype="bfloat16", ...)
 
 A strategy file may also name the model, hardware and GPU count its source meant
 (``model``, ``hardware``, ``gpus``): the CLI uses them when no flag overrides them.
@@ -14,10 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .parallel import ParallelConfig
-from .plan_toml import from_table, load_toml, resolve_preset
-
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+from ..dtypes import DTYPE_BYTES, check_dtype
+from ..parallel import ParallelConfig
+from .presets import from_table, load_toml, resolve_preset
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class Workload:
     concurrency: int = 256  # concurrent sequences in the whole deployment, split over DP replicas
     prompt_len: int = 1024  # tokens per prompt (prefill)
     output_len: int = 256  # tokens generated per request (decode)
-    dtype: str = "bf16"  # weights, activations and KV cache
+    dtype: str = "bfloat16"  # weights, activations and KV cache
     micro_batches: int = 0  # pipeline micro-batches per replica; 0 = pp
     note: str = "assumed by moerun; the design note states no workload"
 
@@ -35,8 +35,10 @@ class Workload:
                ("concurrency", "prompt_len", "output_len") if getattr(self, k) < 1]
         if self.micro_batches < 0:
             bad.append(f"micro_batches = {self.micro_batches} must be >= 0 (0 = one per stage)")
-        if self.dtype not in DTYPE_BYTES:
-            bad.append(f"dtype {self.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
+        try:
+            check_dtype(self.dtype)
+        except ValueError as e:
+            bad.append(str(e))
         if bad:
             raise ValueError("workload: " + "; ".join(bad))
 

@@ -1,25 +1,36 @@
-"""Text rendering of planner reports: the tables ``moerun plan`` prints.
+"""All text ``moerun plan`` prints: a plan, a search, a claims check.
 
     print(format_plan(make_plan(...)))
-    print(format_search(search(...), top=10))
+    print(format_search(search(...), top=10, model=model, hw=hw, gpus=16, workload=workload))
+    print(format_claims(cf, check(cf, measured), measured_source))
 
-Every projected figure sits under a heading "projected (roofline on <hardware>)": none of
-them is a measurement.
+Every table goes through ``table`` (one column layout for all of them). Every projected
+figure sits under a heading "projected (roofline on <hardware>)": none of them is a
+measurement.
 """
 from __future__ import annotations
 
-from .config import ModelConfig
+from ..config import ModelConfig
+from .claims import METRICS, ClaimResult, ClaimsFile
 from .hardware import HardwareSpec
-from .plan import PlanReport, RankReport
-from .plan_strategy import Workload
+from .planner import PlanReport, RankReport
+from .strategy import Workload
 
 GB, MB = 1e9, 1e6
 
 
-def _table(header: list[str], rows: list[list[str]], indent: str = "  ") -> list[str]:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    fmt = lambda r: indent + "  ".join(str(x).rjust(w) for x, w in zip(r, widths))  # noqa: E731
-    return [fmt(header), indent + "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
+def table(header: list[str], rows: list[list], indent: str = "  ", align: str = "right") -> list[str]:
+    """A header, a dashed rule and one line per row, columns two blanks apart; cells are
+    right-aligned (numbers) or left-aligned (text); trailing blanks are dropped."""
+    assert align in ("right", "left")
+    cells = [[str(x) for x in r] for r in [header, *rows]]
+    widths = [max(len(x) for x in col) for col in zip(*cells)]
+    just = str.rjust if align == "right" else str.ljust
+
+    def line(r: list[str]) -> str:
+        return (indent + "  ".join(just(x, w) for x, w in zip(r, widths))).rstrip()
+
+    return [line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]]
 
 
 def _span(xs) -> str:
@@ -73,7 +84,7 @@ def format_plan(rep: PlanReport) -> str:
         return "\n".join(lines)
     lines.append("valid     every layout rule holds")
     lines.append("\nper rank (weights in the workload dtype; KV room = memory - weights - reserve)")
-    lines += _table(["ranks", "stage", "layers", "experts", "params", "weights GB", "KV room GB",
+    lines += table(["ranks", "stage", "layers", "experts", "params", "weights GB", "KV room GB",
                      "KV tokens max", "KV needed GB", "fits"], rank_rows(rep.per_rank))
     p = rep.projection
     lines.append(f"\n{p.label}: one micro-batch per stage, busiest rank "
@@ -85,7 +96,7 @@ def format_plan(rep: PlanReport) -> str:
                          f"{c.hbm_bytes / GB:.2f}", f"{c.compute_s * 1e3:.3f}", f"{c.memory_s * 1e3:.3f}",
                          f"{c.tp_bytes / MB:,.2f}", f"{c.a2a_bytes / MB:,.2f}", f"{c.p2p_bytes / MB:,.2f}",
                          f"{c.comm_s * 1e3:.3f}", f"{c.time_s * 1e3:.3f}"])
-    lines += _table(["phase", "stage", "tokens", "GFLOP", "HBM GB", "compute ms", "memory ms",
+    lines += table(["phase", "stage", "tokens", "GFLOP", "HBM GB", "compute ms", "memory ms",
                      "TP MB", "A2A MB", "P2P MB", "comm ms", "time ms"], rows)
     wl, par = rep.workload, rep.layout
     links = sorted({f"{name} {'inter' if inter else 'intra'}-node"
@@ -137,6 +148,40 @@ def format_search(reps: list[PlanReport], top: int, model: ModelConfig, hw: Hard
         rows.append([i, str(r.layout), r.micro_batches, f"{p.tpot_s * 1e3:.2f}", f"{p.tokens_per_s_total:,.0f}",
                      f"{p.tokens_per_s_replica:,.0f}", f"{p.ttft_s * 1e3:.2f}", f"{p.comm_share:.2%}",
                      f"{p.load_balance:.1%}", f"{r.memory_per_gpu_bytes / GB:.2f}"])
-    lines += _table(["#", "layout", "M", "TPOT ms", "tok/s total", "tok/s/replica", "TTFT ms",
+    lines += table(["#", "layout", "M", "TPOT ms", "tok/s total", "tok/s/replica", "TTFT ms",
                      "comm", "balance", "mem/GPU GB"], rows)
+    return "\n".join(lines)
+
+
+def _num(x: float | None, unit: str) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.0f} {unit}" if abs(x) >= 1000 else f"{x:.4g} {unit}"
+
+
+def format_claims(cf: ClaimsFile, results: list[ClaimResult], measured_source: str = "") -> str:
+    hws = sorted({r.hardware for r in results})
+    label = f"projected (roofline on {hws[0]})" if len(hws) == 1 else "projected (roofline, row's hardware)"
+    rows, notes = [], {}  # reason text -> footnote number (shared reasons print once)
+    for r in results:
+        c = r.claim
+        target = "-" if c.target is None else f"{'<' if METRICS[c.metric].better == 'lower' else '>'} {c.target:,g}"
+        text = r.reason + (f" (note: {c.note})" if c.note and r.verdict != "invalid layout" else "")
+        n = notes.setdefault(text, len(notes) + 1)
+        rows.append([f"{c.strategy} ({r.layout}, {r.gpus} GPUs)", c.metric, _num(c.claimed, r.unit), target,
+                     _num(r.projected, r.unit), r.consistent, _num(r.measured, r.unit), f"{r.verdict} [{n}]"])
+    header = ["claim (layout, GPUs)", "metric", "claimed", "target", label, "consistent", "measured", "verdict"]
+    lines = [f"claims {cf.name} ({cf.source}); model {cf.model}, hardware {', '.join(hws)}; "
+             f"tolerance {cf.tolerance:.0%}",
+             f"measured: {measured_source or 'nothing measured yet'}"]
+    lines += [f"workload of {name}: {w}" for name, w in
+              sorted({(r.claim.strategy, r.workload) for r in results})]
+    lines += [f"hardware {h} ambiguous: {a}" for h in hws for a in HardwareSpec.load(h).ambiguous]
+    lines += [""] + table(header, rows, indent="", align="left") + [""]
+    lines += [f"[{n}] {text}" for text, n in notes.items()]
+    lines.append("\nconsistent: yes = the claimed figure is no better than the projection (the roofline's best "
+                 "case) beyond the tolerance;\n            no = the claim beats that best case; n/a = nothing "
+                 "to project. A projection never makes a claim hold.")
+    lines.append("\nmetrics (what is projected and what a measurement must report):")
+    lines += [f"  {k}: {m.meaning} [{m.unit}, {m.better} is better]" for k, m in METRICS.items()]
     return "\n".join(lines)

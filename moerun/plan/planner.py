@@ -1,8 +1,8 @@
 """The planner: is a layout valid, what does each rank hold, does it fit, how fast could it be.
 
-Pure Python on top of ``moerun.parallel`` (whose rules it uses, never re-implements),
-``moerun.cost`` (the formulas) and ``moerun.plan_roofline`` (the projection). No torch,
-no process groups, no GPU.
+Pure Python on top of ``moerun.parallel`` (whose rules and shard ranges it uses, never
+re-implements), ``moerun.plan.cost`` (the formulas) and ``moerun.plan.roofline`` (the
+projection). No torch, no process groups, no GPU.
 
     from moerun.plan import make_plan, search
     rep = make_plan(ModelConfig.load("seed-30b"), ParallelConfig(tp=8, pp=2, ep=8),
@@ -10,7 +10,8 @@ no process groups, no GPU.
     rep.valid, rep.errors, rep.per_rank[0].bytes, rep.projection.tpot_s
     search(model, hw, gpus=16, workload=Workload(), max_tpot_ms=50)   # best first
 
-Command line: ``python -m moerun.plan_cli --help`` (``moerun plan``).
+Command line: ``moerun plan --help`` (``moerun.plan.cli``); text rendering in
+``moerun.plan.format``.
 Memory: a rank needs weights + KV cache of its replica's sequences + the hardware's stated
 reserve (activations, workspace); KV room = memory - weights - reserve.
 """
@@ -20,12 +21,12 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from ..config import ModelConfig
+from ..parallel import ParallelConfig, valid_layouts
 from . import cost
-from .config import ModelConfig
 from .hardware import HardwareSpec
-from .parallel import ParallelConfig, valid_layouts
-from .plan_roofline import Projection, project
-from .plan_strategy import Workload
+from .roofline import Projection, project
+from .strategy import Workload
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,13 @@
 """Claims checking: a claims file (TOML) against the planner's projection and, when given,
 measured values, with a verdict per claim that the numbers support and nothing more.
 
-    python -m moerun.claims seed                       # configs/claims/seed.toml
-    python -m moerun.claims seed --measured m.json     # with a benchmark's measurements
-    python -m moerun.plan_cli --claims seed            # the same, from `moerun plan`
+Owns the claims data (``ClaimsFile``, ``Claim``, ``METRICS``), the verdict rules and the
+measured-values file; the table is rendered by ``moerun.plan.format.format_claims`` and the
+command line is ``moerun plan --claims``:
+
+    moerun plan --claims seed                          # configs/claims/seed.toml
+    moerun plan --claims seed --measured m.json        # with a benchmark's measurements
+    moerun plan --claims seed --json
 
     results = check(ClaimsFile.load("seed"), measured={"baseline": {"latency": 131.0}})
 
@@ -27,19 +31,16 @@ bound on throughput), so "no" means the claim beats the model's best case.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .config import ModelConfig
+from ..config import ModelConfig
 from .hardware import HardwareSpec
-from .plan import PlanReport, make_plan
-from .plan_strategy import Strategy
-from .plan_toml import from_table, load_toml, resolve_preset
+from .planner import PlanReport, make_plan
+from .presets import from_table, load_toml, resolve_preset
+from .strategy import Strategy
 
 VERDICTS = ("holds", "fails", "invalid layout", "not measured", "ambiguous")
 
@@ -174,44 +175,8 @@ def check(cf: ClaimsFile, measured: dict[str, dict[str, float]] | None = None) -
     return out
 
 
-def _num(x: float | None, unit: str) -> str:
-    if x is None:
-        return "-"
-    return f"{x:,.0f} {unit}" if abs(x) >= 1000 else f"{x:.4g} {unit}"
-
-
-def format_claims(cf: ClaimsFile, results: list[ClaimResult], measured_source: str = "") -> str:
-    hws = sorted({r.hardware for r in results})
-    label = f"projected (roofline on {hws[0]})" if len(hws) == 1 else "projected (roofline, row's hardware)"
-    rows, notes = [], {}  # reason text -> footnote number (shared reasons print once)
-    for r in results:
-        c = r.claim
-        target = "-" if c.target is None else f"{'<' if METRICS[c.metric].better == 'lower' else '>'} {c.target:,g}"
-        text = r.reason + (f" (note: {c.note})" if c.note and r.verdict != "invalid layout" else "")
-        n = notes.setdefault(text, len(notes) + 1)
-        rows.append([f"{c.strategy} ({r.layout}, {r.gpus} GPUs)", c.metric, _num(c.claimed, r.unit), target,
-                     _num(r.projected, r.unit), r.consistent, _num(r.measured, r.unit), f"{r.verdict} [{n}]"])
-    header = ["claim (layout, GPUs)", "metric", "claimed", "target", label, "consistent", "measured", "verdict"]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip()  # noqa: E731
-    lines = [f"claims {cf.name} ({cf.source}); model {cf.model}, hardware {', '.join(hws)}; "
-             f"tolerance {cf.tolerance:.0%}",
-             f"measured: {measured_source or 'nothing measured yet'}"]
-    lines += [f"workload of {name}: {w}" for name, w in
-              sorted({(r.claim.strategy, r.workload) for r in results})]
-    lines += [f"hardware {h} ambiguous: {a}" for h in hws for a in HardwareSpec.load(h).ambiguous]
-    lines += ["",
-             fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows] + [""] + [
-                 f"[{n}] {text}" for text, n in notes.items()]
-    lines.append("\nconsistent: yes = the claimed figure is no better than the projection (the roofline's best "
-                 "case) beyond the tolerance;\n            no = the claim beats that best case; n/a = nothing "
-                 "to project. A projection never makes a claim hold.")
-    lines.append("\nmetrics (what is projected and what a measurement must report):")
-    lines += [f"  {k}: {m.meaning} [{m.unit}, {m.better} is better]" for k, m in METRICS.items()]
-    return "\n".join(lines)
-
-
 def load_measured(path: str | Path) -> tuple[dict[str, dict[str, float]], str]:
+    """(values, source) of a measured-values file (format in the module docstring)."""
     with open(path) as f:
         raw = json.load(f)
     unknown = sorted(set(raw) - {"source", "values"})
@@ -219,29 +184,3 @@ def load_measured(path: str | Path) -> tuple[dict[str, dict[str, float]], str]:
         raise ValueError(f"{path}: expected {{\"source\": str, \"values\": {{strategy: {{metric: number}}}}}}"
                          + (f"; unknown key(s) {', '.join(unknown)}" if unknown else ""))
     return raw["values"], str(raw.get("source", path))
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="moerun claims", description="check a claims file")
-    ap.add_argument("claims", nargs="?", default="seed", help="preset in configs/claims/ or a .toml path")
-    ap.add_argument("--measured", help="JSON file of measured values (see module docstring)")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args(argv)
-    try:
-        cf = ClaimsFile.load(args.claims)
-        measured, source = load_measured(args.measured) if args.measured else ({}, "")
-        results = check(cf, measured)
-    except ValueError as e:
-        print(f"moerun claims: {e}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps({"name": cf.name, "source": cf.source, "tolerance": cf.tolerance,
-                          "measured_source": source or None,
-                          "results": [dataclasses.asdict(r) for r in results]}, indent=1))
-    else:
-        print(format_claims(cf, results, source))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,11 @@
 """Strict TOML loading for the planner's presets (hardware, strategies, claims).
 
-Owns three small things every preset loader needs, so none of them re-implements them:
+Owns three small things every preset loader (``HardwareSpec.load``, ``Strategy.load``,
+``ClaimsFile.load``) needs, so none of them re-implements them:
 finding a preset (a name in ``configs/<kind>/`` or a path to a ``.toml``), reading TOML
 (``tomllib`` on 3.11+, ``tomli`` on 3.10), and building a frozen dataclass from a table
-with unknown keys and wrong types rejected by a ``ValueError`` that names the key.
+with unknown keys, wrong types and invalid values rejected by a ``ValueError`` that names
+the file (and the key).
 
     table = load_toml(resolve_preset("hardware", "seed"))
     spec = from_table(HardwareSpec, table, where="configs/hardware/seed.toml")
@@ -20,8 +22,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from .configs import CONFIG_DIR  # configs/, shipped as moerun.configs
-
+from ..configs import CONFIG_DIR  # configs/, shipped as moerun.configs
 
 
 def list_presets(kind: str) -> list[str]:
@@ -49,7 +50,8 @@ def load_toml(path: Path) -> dict:
 
 
 def from_table(cls, table: dict, where: str):
-    """Build dataclass ``cls`` from ``table``; unknown keys and wrong types are ValueErrors."""
+    """Build dataclass ``cls`` from ``table``; unknown keys, wrong types and the dataclass's
+    own checks (its ``__post_init__``) are ValueErrors prefixed with ``where``."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(table) - set(fields))
     if unknown:
@@ -63,7 +65,10 @@ def from_table(cls, table: dict, where: str):
                and f.default_factory is dataclasses.MISSING]
     if missing:
         raise ValueError(f"{where}: missing required key(s) {', '.join(missing)}")
-    return cls(**kw)
+    try:
+        return cls(**kw)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
 
 
 def _coerce(value, hint, where: str):

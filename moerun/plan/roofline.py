@@ -1,13 +1,15 @@
 """Roofline projection of one valid layout: per-stage cost of a pass, then TPOT, TTFT, throughput.
 
-    proj = project(model, layout, hw, gpus, workload, micro_batches)
+    proj = project(model, layout, hw, workload, micro_batches)   # a layout that passed its rules
     proj.tpot_s, proj.tokens_per_s_total, proj.comm_share, proj.load_balance
 
-Assumptions (each formula's own are in ``moerun.cost``):
+``make_plan`` (moerun.plan.planner) calls it once the layout is valid; the GPU count is the
+layout's world size. Assumptions (each formula's own are in ``moerun.plan.cost``):
 - a stage's time = roofline(compute, memory) of its busiest rank + its communication,
   not overlapped (communication on the critical path, as in the runtime's step);
-- the busiest rank of a stage is its (dp 0, tp 0) rank: it holds the ceil vocab share and
-  the larger half of any uneven FFN split; experts and KV heads are the same on every rank;
+- the busiest rank of a stage is its (dp 0, tp 0) rank: it holds the ceil vocab share;
+  heads, experts and the replicated MLPs are the same on every rank, and its token share
+  after the reduce-scatter is taken as T/tp;
 - memory traffic = weights read once per micro-batch pass (only the experts a pass routes
   to, in expectation) + the KV cache read and written; activations are not counted;
 - prefill attention is compute-bound (KV kept on chip), so its KV is written, not re-read;
@@ -21,11 +23,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..config import ModelConfig
+from ..parallel import ParallelConfig
 from . import cost
-from .config import ModelConfig
 from .hardware import HardwareSpec
-from .parallel import ParallelConfig
-from .plan_strategy import Workload
+from .strategy import Workload
 
 
 @dataclass(frozen=True)
@@ -80,18 +82,18 @@ def stage_cost(model: ModelConfig, par: ParallelConfig, hw: HardwareSpec, wl: Wo
     rp = cost.rank_params(model, par, rank)
     layers = par.stage_layers(model.num_layers)[stage]
     last = stage == par.pp - 1
-    q_heads = model.num_heads // par.tp
+    q_heads = len(par.q_heads_of(0, model.num_heads))
     kv_heads = len(par.kv_heads_of(0, model.num_kv_heads))
-    rows = cost.ceil_share(model.vocab_size, par.tp, 0)
+    rows = len(par.vocab_rows_of(0, model.vocab_size))
     mean_ctx = wl.prompt_len + (wl.output_len + 1) / 2
     T = seqs if phase == "decode" else seqs * wl.prompt_len
     t_moe = T / par.tp  # tokens a rank routes after the reduce-scatter
     group_tokens = T * par.ep / par.tp  # tokens routed inside one EP group
     mean, emax = cost.expert_load(group_tokens, k, model.num_experts, par.ep)
     imbalance = emax / mean if mean > 0 else 1.0
-    local = model.num_experts // par.ep
+    local = len(par.experts_of(0, model.num_experts))
     active = cost.expected_active_experts(local, model.num_experts, k, group_tokens)
-    attn_mm = cost.attention_matmul_params(model, q_heads, kv_heads)
+    attn_mm = model.attn_matmul_params(q_heads, kv_heads)
 
     flops = kv_tokens = 0.0
     n_moe = n_allreduce = 0
@@ -105,14 +107,12 @@ def stage_cost(model: ModelConfig, par: ParallelConfig, hw: HardwareSpec, wl: Wo
             kv_tokens += T  # written only
         flops += cost.matmul_flops(T, attn_mm) + cost.attn_core_flops(q_heads, model.head_dim, ctx_sum)
         n_allreduce += 1  # o_proj reduce-scatter + all-gather before the next attention
+        # router, and the dense MLP or shared expert: replicated over TP, run on the rank's
+        # token share (no collective of their own)
+        flops += cost.matmul_flops(t_moe, model.router_params(i) + model.mlp_params(i))
         if model.moe_layers[i]:
             n_moe += 1
-            flops += cost.matmul_flops(t_moe, model.num_experts * H)  # router
             flops += cost.matmul_flops(t_moe * k * imbalance, model.expert_params())
-            if model.shared_expert_ffn:  # replicated, on the rank's token share: no collective
-                flops += cost.matmul_flops(t_moe, 3 * H * model.shared_expert_ffn + H)
-        else:
-            flops += cost.matmul_flops(t_moe, 3 * H * model.dense_ffn)
     if last:
         flops += cost.matmul_flops(seqs, rows * H)  # LM head on the last token of each sequence
 

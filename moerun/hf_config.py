@@ -1,0 +1,154 @@
+"""The Hugging Face translation of ``ModelConfig``: config.json fields in, config.json out.
+
+Each family spells the same facts differently (``num_experts`` / ``num_local_experts``,
+``rope_theta`` / ``rope_parameters``, ``mlp_only_layers``, ``layer_types``); this module
+turns them into ``ModelConfig``'s few family-free fields and back. It imports nothing of
+moerun: ``moerun.config`` calls it.
+
+    kw = fields_from_hf(json.load(open("config.json")))   # ModelConfig(**kw)
+    raw = to_hf(cfg)                                       # what save_checkpoint writes
+"""
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("moerun")
+
+SUPPORTED_TYPES = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe")
+
+
+def fields_from_hf(raw: dict, name: str = "") -> dict:
+    """ModelConfig's fields from a Hugging Face config.json (a dict); ValueError names what is wrong."""
+    mt = raw.get("model_type")
+    if mt not in SUPPORTED_TYPES:
+        raise ValueError(
+            f"model_type {mt!r} is not supported; moerun reads {', '.join(SUPPORTED_TYPES)}"
+        )
+    act = raw.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"hidden_act {act!r} is not supported (SwiGLU experts need 'silu')")
+    L = _req(raw, "num_hidden_layers")
+    H = _req(raw, "hidden_size")
+    nh = _req(raw, "num_attention_heads")
+    nkv = raw.get("num_key_value_heads") or nh
+    hd = raw.get("head_dim") or H // nh
+    if mt != "qwen3_moe" and raw.get("head_dim") is None and H % nh:
+        raise ValueError(f"hidden_size ({H}) is not divisible by num_attention_heads ({nh})")
+    E = raw.get("num_experts", raw.get("num_local_experts"))
+    if E is None:
+        raise ValueError("config.json has neither num_experts nor num_local_experts")
+    kw = dict(
+        model_type=mt, name=name, vocab_size=_req(raw, "vocab_size"), hidden_size=H,
+        num_layers=L, num_heads=nh, num_kv_heads=nkv, head_dim=hd, num_experts=E,
+        top_k=_req(raw, "num_experts_per_tok"), rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+        rope_theta=_rope_theta(raw), tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        max_position_embeddings=raw.get("max_position_embeddings", 4096),
+        bos_token_id=raw.get("bos_token_id"), eos_token_ids=_eos(raw.get("eos_token_id"), raw["vocab_size"]),
+    )
+    if mt == "olmoe":
+        kw.update(moe_ffn=_req(raw, "intermediate_size"), qk_norm="full",
+                  qkv_bias=bool(raw.get("attention_bias", False)),
+                  o_bias=bool(raw.get("attention_bias", False)), clip_qkv=raw.get("clip_qkv"),
+                  norm_topk_prob=bool(raw.get("norm_topk_prob", False)))
+    elif mt == "mixtral":
+        sw = raw.get("sliding_window") or 0
+        kw.update(moe_ffn=_req(raw, "intermediate_size"), norm_topk_prob=True,
+                  sliding_windows=(sw,) * L)
+    else:  # qwen2_moe, qwen3_moe
+        step = raw.get("decoder_sparse_step", 1) or 1
+        only = set(raw.get("mlp_only_layers") or [])
+        moe = tuple(i not in only and E > 0 and (i + 1) % step == 0 for i in range(L))
+        kw.update(moe_ffn=_req(raw, "moe_intermediate_size"), dense_ffn=raw.get("intermediate_size", 0),
+                  moe_layers=moe, norm_topk_prob=bool(raw.get("norm_topk_prob", False)))
+        if mt == "qwen2_moe":
+            kw.update(qkv_bias=bool(raw.get("qkv_bias", True)),
+                      shared_expert_ffn=raw.get("shared_expert_intermediate_size", 0),
+                      sliding_windows=_qwen2_windows(raw, L))
+        else:
+            bias = bool(raw.get("attention_bias", False))
+            sw = raw.get("sliding_window") if raw.get("use_sliding_window", False) else 0
+            kw.update(qk_norm="head", qkv_bias=bias, o_bias=bias, sliding_windows=(sw or 0,) * L)
+    return kw
+
+
+def to_hf(cfg) -> dict:
+    """The config.json that transformers reads back as the same ``ModelConfig``."""
+    common = {
+        "model_type": cfg.model_type, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+        "num_experts_per_tok": cfg.top_k, "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings, "hidden_act": "silu",
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1
+        else (cfg.eos_token_ids[0] if cfg.eos_token_ids else None),
+        "architectures": [_ARCH[cfg.model_type]],
+    }
+    if cfg.model_type == "olmoe":
+        common.update(num_experts=cfg.num_experts, intermediate_size=cfg.moe_ffn, clip_qkv=cfg.clip_qkv,
+                      attention_bias=cfg.qkv_bias, norm_topk_prob=cfg.norm_topk_prob)
+    elif cfg.model_type == "mixtral":
+        sw = cfg.sliding_windows[0] if cfg.sliding_windows else 0
+        common.update(num_local_experts=cfg.num_experts, intermediate_size=cfg.moe_ffn,
+                      sliding_window=sw or None)
+    else:
+        common.update(num_experts=cfg.num_experts, moe_intermediate_size=cfg.moe_ffn,
+                      intermediate_size=cfg.dense_ffn or cfg.moe_ffn, norm_topk_prob=cfg.norm_topk_prob,
+                      decoder_sparse_step=1,
+                      mlp_only_layers=[i for i, m in enumerate(cfg.moe_layers) if not m])
+        if cfg.model_type == "qwen2_moe":
+            common.update(qkv_bias=cfg.qkv_bias, shared_expert_intermediate_size=cfg.shared_expert_ffn,
+                          use_sliding_window=False, sliding_window=None)
+        else:
+            common.update(attention_bias=cfg.qkv_bias, use_sliding_window=False, sliding_window=None)
+    return common
+
+
+_ARCH = {"olmoe": "OlmoeForCausalLM", "mixtral": "MixtralForCausalLM",
+         "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
+def _req(raw: dict, key: str):
+    if raw.get(key) is None:
+        raise ValueError(f"config.json is missing required field {key!r}")
+    return raw[key]
+
+
+def _eos(v, vocab_size: int) -> tuple[int, ...]:
+    ids = () if v is None else tuple(v) if isinstance(v, (list, tuple)) else (int(v),)
+    # transformers' own small test configs carry e.g. OLMoE's eos 50279 with a vocab of
+    # a few hundred: such an id can never be sampled, so it is dropped, with a warning.
+    outside = [i for i in ids if not 0 <= i < vocab_size]
+    if outside:
+        log.warning("eos_token_id %s is outside the vocabulary (%d tokens) and is ignored", outside, vocab_size)
+    return tuple(i for i in ids if 0 <= i < vocab_size)
+
+
+def _rope_theta(raw: dict) -> float:
+    rp = raw.get("rope_parameters")  # transformers 5
+    scaling = raw.get("rope_scaling")  # transformers 4
+    if isinstance(rp, dict):
+        kind = rp.get("rope_type", rp.get("type", "default"))
+        theta = rp.get("rope_theta", raw.get("rope_theta", 10000.0))
+    else:
+        kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+        theta = raw.get("rope_theta", 10000.0)
+    if kind != "default":
+        raise ValueError(f"rope type {kind!r} is not supported (only 'default' RoPE); "
+                         "remove rope_scaling or use a checkpoint without it")
+    return float(theta)
+
+
+def _qwen2_windows(raw: dict, L: int) -> tuple[int, ...]:
+    sw = raw.get("sliding_window") or 0
+    types = raw.get("layer_types")
+    if types is None:  # transformers 4: derived the same way transformers 5 derives layer_types
+        use = raw.get("use_sliding_window", False)
+        mwl = raw.get("max_window_layers", L)
+        types = ["sliding_attention" if use and (i + 1) % 2 and i < mwl else "full_attention"
+                 for i in range(L)]
+    if len(types) != L:
+        raise ValueError(f"layer_types has {len(types)} entries, num_hidden_layers is {L}")
+    return tuple(sw if t == "sliding_attention" else 0 for t in types)
