@@ -1,4 +1,4 @@
-"""The ``moerun`` command: ``moerun generate | layout | plan ...``.
+"""The ``moerun`` command: ``moerun generate | serve | layout | plan ...``.
 
 Each subcommand lives in its own module with a ``main(argv)``; this file only routes.
 """
@@ -9,6 +9,7 @@ import sys
 
 COMMANDS = {
     "generate": ("moerun.generate", "generate tokens (one process, or a layout under torchrun)"),
+    "serve": ("moerun.serve.cli", "serve an OpenAI-compatible HTTP API (one process, or a layout under torchrun)"),
     "layout": ("moerun.layout_cli", "validate a TP x PP x EP x DP layout and print its rank table"),
     "plan": ("moerun.plan.cli", "project a layout on a hardware spec; check claims"),
 }

@@ -1,0 +1,414 @@
+"""The FastAPI app: the OpenAI routes on top of an ``EngineLoop``.
+
+    state = ServerState(settings, metrics)          # before the model loads: /health is 503
+    app = build_app(state)                          # uvicorn serves it (moerun.serve.cli)
+    state.ready(loop, tokenizer, chat_template, vocab_size, max_model_len)
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
+GET /version, POST /tokenize, POST /detokenize, GET /metrics. Every error is OpenAI's
+``{"error": {...}}`` body: 400 for a bad field (the protocol module names it), 401 for a
+missing or wrong API key (the /v1 routes, when one is set), 404 for an unknown model name,
+503 while loading or draining or when ``--max-waiting`` requests already wait, 500 only
+when the engine itself fails. A request whose client disconnects is aborted in the engine
+at once, which frees its KV blocks.
+
+A request with n choices over P prompts is n x P engine requests (``Choice``), run
+concurrently; a stream interleaves their chunks as tokens arrive.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from .. import __version__
+from . import protocol as P
+from .chat import chat_prompt_ids
+from .detok import TextStream
+from .loop import Accepted, EngineLoop, Failed
+from .metrics import RequestClock, ServerMetrics
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    served_model_name: str
+    max_waiting: int = 256  # requests queued (not yet running) before new ones get 503
+    api_key: str | None = None
+
+
+class ServerState:
+    """What the routes read: filled in by ``ready`` once the model is loaded."""
+
+    def __init__(self, settings: ServerSettings, metrics: ServerMetrics):
+        self.settings, self.metrics = settings, metrics
+        self.loop: EngineLoop | None = None
+        self.tokenizer = self.chat_template = None
+        self.vocab_size = self.max_model_len = 0
+        self.created = P.now()
+
+    def ready(self, loop: EngineLoop, tokenizer, chat_template, vocab_size: int, max_model_len: int) -> None:
+        self.tokenizer, self.chat_template = tokenizer, chat_template
+        self.vocab_size, self.max_model_len = vocab_size, max_model_len
+        self.loop = loop  # last: a non-None loop means ready
+
+    def serving(self) -> EngineLoop:
+        """The loop if requests can be taken now, else the 503 that says why."""
+        loop = self.loop
+        if loop is None:
+            raise P.APIError.unavailable("The model is still loading.")
+        if loop.draining or loop.stopped:
+            raise P.APIError.unavailable("The server is shutting down.")
+        return loop
+
+
+class _NoText:
+    """A model without a tokenizer: no text, the token ids carry the answer (``token_ids``)."""
+    stopped, stop_reason = False, None
+
+    def add(self, token_id: int) -> str:
+        return ""
+
+    def finish(self) -> str:
+        return ""
+
+
+class Choice:
+    """One engine request: one sample of one prompt, and the text it has produced. Every
+    choice also carries its token ids (``token_ids``, as vLLM's return_token_ids does)."""
+
+    def __init__(self, index: int, prompt: list[int], params, stops, tokenizer, skip_special: bool):
+        self.index, self.prompt, self.params = index, prompt, params
+        self.text = TextStream(tokenizer, stops, skip_special, prompt) if tokenizer is not None else _NoText()
+        self.clock = RequestClock()
+        self.num_tokens = 0
+        self.ids: list[int] = []  # every generated token
+        self.unsent: list[int] = []  # token ids not yet in a chunk
+        self.sampled: list = []  # (token, logprob, top) of tokens not yet sent, when logprobs are asked
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.handle = None
+        # set when the engine takes (or refuses) it; built in the handler's event loop
+        self.accepted: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def take(self, ev) -> str:
+        """An engine event into text to send (stop strings held back and cut)."""
+        out = ""
+        if ev.token is not None:
+            self.clock.token()
+            self.num_tokens += 1
+            self.ids.append(ev.token)
+            self.unsent.append(ev.token)
+            out = self.text.add(ev.token)
+            if self.params.logprobs is not None:
+                self.sampled.append((ev.token, ev.logprob, ev.top_logprobs))
+            if self.text.stopped:
+                self.finish_reason, self.stop_reason = "stop", self.text.stop_reason
+                return out
+        if ev.finished:
+            out += self.text.finish()
+            self.finish_reason = ev.finish_reason
+            if ev.finish_reason == "stop" and ev.token in self.params.stop_token_ids:
+                self.stop_reason = ev.token
+        return out
+
+
+async def run_choice(state: ServerState, c: Choice, emit) -> None:
+    """Drive one engine request to its end, calling ``emit(choice, text)`` for every
+    engine event (text may be "" while held back). Aborts the engine request when cancelled."""
+    loop = state.serving()
+    c.handle = loop.submit(c.prompt, c.params, asyncio.get_running_loop())
+    try:
+        while c.finish_reason is None:
+            ev = await c.handle.queue.get()
+            if isinstance(ev, Failed):
+                err = P.APIError(ev.status, ev.message, "server_error" if ev.status >= 500 else
+                                 "invalid_request_error")
+                if not c.accepted.done():
+                    c.accepted.set_exception(err)
+                    c.accepted.exception()  # retrieved: the caller may be gone
+                raise err
+            if isinstance(ev, Accepted):
+                c.accepted.set_result(ev.req_id)
+                continue
+            text = c.take(ev)
+            if c.finish_reason == "abort":  # aborted by the server (drain timeout), not by us
+                raise P.APIError.unavailable("The request was aborted: the server is shutting down.")
+            emit(c, text)
+    finally:
+        if c.finish_reason is None or c.text.stopped:
+            loop.abort(c.handle)  # client gone, error, or a stop string: free its KV blocks now
+        reason = c.finish_reason if c.finish_reason in ("stop", "length") else "abort"
+        state.metrics.request_finished(reason, len(c.prompt), c.num_tokens, c.clock.ttft, c.clock.itls,
+                                       c.clock.e2e())
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TokenizeRequest(_Strict):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[P.ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int] = Field(min_length=0)
+
+
+def build_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="moerun", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    settings = state.settings
+
+    @app.exception_handler(P.APIError)
+    async def _api_error(request: Request, e: P.APIError):
+        return JSONResponse(P.error_body(e), status_code=e.status)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if settings.api_key and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
+                return JSONResponse(P.error_body(P.APIError.unauthorized()), status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        try:
+            state.serving()
+        except P.APIError as e:
+            return JSONResponse(P.error_body(e), status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.get("/v1/models")
+    async def models():
+        return P.model_list([P.model_card(settings.served_model_name, state.max_model_len, state.created)])
+
+    @app.get("/metrics")
+    async def metrics():
+        body, ctype = state.metrics.render()
+        return Response(body, media_type=ctype)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        req = P.parse_request(TokenizeRequest, await request.body())
+        P.check_model(req.model, settings.served_model_name)
+        state.serving()
+        if (req.prompt is None) == (req.messages is None):
+            raise P.APIError.bad_request("Give exactly one of 'prompt' and 'messages'.", "prompt")
+        if state.tokenizer is None:
+            raise P.APIError.bad_request("This model has no tokenizer.json.", "prompt")
+        if req.prompt is not None:
+            ids = state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            chat = P.parse_request(P.ChatCompletionRequest, {"messages": [m.model_dump() for m in req.messages],
+                                                             "add_generation_prompt": req.add_generation_prompt})
+            ids = chat_prompt_ids(chat, state.chat_template, state.tokenizer, state.vocab_size)
+        return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        req = P.parse_request(DetokenizeRequest, await request.body())
+        P.check_model(req.model, settings.served_model_name)
+        state.serving()
+        if state.tokenizer is None:
+            raise P.APIError.bad_request("This model has no tokenizer.json.", "tokens")
+        bad = [t for t in req.tokens if not 0 <= t < state.vocab_size]
+        if bad:
+            raise P.APIError.bad_request(f"token ids {bad[:5]} are outside the vocabulary "
+                                         f"(0..{state.vocab_size - 1}).", "tokens")
+        return {"prompt": state.tokenizer.decode(req.tokens)}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = P.parse_request(P.CompletionRequest, await request.body())
+        P.check_model(req.model, settings.served_model_name)
+        loop = admit(state)
+        prompts = P.prompts_of(req, state.tokenizer, state.vocab_size)
+        choices = make_choices(state, req, prompts, req.max_tokens, "max_tokens")
+        echo = P.echo_texts(req, state.tokenizer, prompts) if req.echo else None
+        return await respond(request, state, loop, req, choices, chat=False, echo=echo)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = P.parse_request(P.ChatCompletionRequest, await request.body())
+        P.check_model(req.model, settings.served_model_name)
+        loop = admit(state)
+        prompt = chat_prompt_ids(req, state.chat_template, state.tokenizer, state.vocab_size)
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        choices = make_choices(state, req, [prompt], req.max_output_tokens, param, "messages")
+        return await respond(request, state, loop, req, choices, chat=True)
+
+    return app
+
+
+def admit(state: ServerState) -> EngineLoop:
+    loop = state.serving()
+    if loop.queued() >= state.settings.max_waiting:
+        raise P.APIError.unavailable(f"The server is at capacity: {state.settings.max_waiting} requests are "
+                                     "already waiting (--max-waiting). Retry later.")
+    return loop
+
+
+def make_choices(state: ServerState, req, prompts: list[list[int]], max_tokens: int | None, param: str,
+                 prompt_param: str = "prompt") -> list[Choice]:
+    if req.stop_strings and state.tokenizer is None:
+        raise P.APIError.bad_request("'stop' strings need a tokenizer and this model has no tokenizer.json: "
+                                     "use 'stop_token_ids'.", "stop")
+    out = []
+    for p, ids in enumerate(prompts):
+        budget = P.resolve_max_tokens(max_tokens, len(ids), state.max_model_len, param, prompt_param)
+        for s in range(req.n):
+            i = P.choice_index(p, s, req.n)
+            sp = P.to_sampling(req, budget, choice_index=s, vocab_size=state.vocab_size)
+            out.append(Choice(i, ids, sp, req.stop_strings, state.tokenizer, req.skip_special_tokens))
+    return out
+
+
+async def respond(request: Request, state: ServerState, loop: EngineLoop, req, choices: list[Choice], *,
+                  chat: bool, echo: list[str] | None = None):
+    rid, model, created = P.new_id("chatcmpl" if chat else "cmpl"), state.settings.served_model_name, P.now()
+    n_prompt = sum(len(c.prompt) for c in choices[:: req.n])
+    lp_n = req.logprobs_n
+    formatters = {c.index: P.CompletionLogprobs(state.tokenizer, lp_n or 0,
+                                                len(echo[c.index // req.n]) if echo else 0) for c in choices}
+
+    def logprobs_of(c: Choice):
+        if lp_n is None:
+            return None
+        entries, c.sampled = c.sampled, []
+        return P.chat_logprobs(entries, state.tokenizer, lp_n) if chat else formatters[c.index](entries)
+
+    if not req.stream:
+        pieces = {c.index: [] for c in choices}
+        logs = {c.index: [] for c in choices}
+
+        def collect(c, text):
+            pieces[c.index].append(text)
+            lp = logprobs_of(c)
+            if lp is not None:
+                logs[c.index].append(lp)
+        await run_all(request, state, choices, collect)
+        out = []
+        for c in choices:
+            text = "".join(pieces[c.index])
+            lp = merge_logprobs(logs[c.index], chat) if lp_n is not None else None
+            if chat:
+                choice = P.chat_choice(c.index, text, c.finish_reason, lp, c.stop_reason)
+            else:
+                text = (echo[c.index // req.n] if echo else "") + text
+                choice = P.completion_choice(c.index, text, c.finish_reason, lp, c.stop_reason)
+            choice["token_ids"] = c.ids
+            out.append(choice)
+        usage = P.usage(n_prompt, sum(c.num_tokens for c in choices))
+        build = P.chat_response if chat else P.completion_response
+        return JSONResponse(build(rid, model, out, usage, created))
+
+    # Streaming: the first event of every choice must be in before the 200 goes out, so
+    # that a request the engine refuses still gets its 400.
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def push(c, text):
+        queue.put_nowait((c, text))
+    tasks = [asyncio.create_task(run_choice(state, c, push)) for c in choices]
+    try:  # a refusal before the first token is an HTTP error, not a 200 stream with an error in it
+        await asyncio.wait([c.accepted for c in choices], return_when=asyncio.FIRST_EXCEPTION)
+        for c in choices:
+            if c.accepted.done() and c.accepted.exception() is not None:
+                raise c.accepted.exception()
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+    async def stream():
+        try:
+            for c in choices:
+                if chat:
+                    yield P.sse(P.chat_role_chunk(rid, model, created, c.index))
+                elif echo:
+                    yield P.sse(P.completion_chunk(rid, model, created, c.index, echo[c.index // req.n]))
+            done = 0
+            pending = set(tasks)
+            while done < len(choices):
+                getter = asyncio.ensure_future(queue.get())
+                finished, _ = await asyncio.wait(pending | {getter}, return_when=asyncio.FIRST_COMPLETED)
+                for t in finished - {getter}:
+                    pending.discard(t)
+                    if t.exception() is not None:
+                        getter.cancel()
+                        e = t.exception()
+                        err = e if isinstance(e, P.APIError) else P.APIError.server_error(str(e))
+                        yield P.sse(P.error_body(err))
+                        yield P.SSE_DONE
+                        return
+                if getter not in finished:
+                    getter.cancel()
+                    continue
+                c, text = getter.result()
+                final = c.finish_reason is not None
+                done += final
+                if not (text or final or c.unsent):
+                    continue
+                lp = logprobs_of(c)
+                if chat:
+                    chunk = P.chat_chunk(rid, model, created, c.index, content=text if text or not final else None,
+                                         logprobs=lp, finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                else:
+                    chunk = P.completion_chunk(rid, model, created, c.index, text, lp, c.finish_reason,
+                                               c.stop_reason)
+                chunk["choices"][0]["token_ids"], c.unsent = c.unsent, []
+                yield P.sse(chunk)
+            if req.include_usage:
+                yield P.sse(P.usage_chunk(rid, model, created, P.usage(n_prompt, sum(c.num_tokens for c in choices)),
+                                          chat))
+            yield P.SSE_DONE
+        finally:
+            for t in tasks:
+                t.cancel()
+    return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+async def run_all(request: Request, state: ServerState, choices: list[Choice], emit) -> None:
+    """Every choice to its end; a client that disconnects first cancels them (which aborts
+    their engine requests); the first error is raised."""
+    tasks = [asyncio.create_task(run_choice(state, c, emit)) for c in choices]
+    gathered = asyncio.gather(*tasks)
+    try:
+        while True:
+            done, _ = await asyncio.wait({gathered}, timeout=0.25)
+            if done:
+                gathered.result()
+                return
+            if await request.is_disconnected():
+                raise asyncio.CancelledError("client disconnected")
+    finally:
+        for t in tasks:
+            t.cancel()
+        if not gathered.done():
+            gathered.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def merge_logprobs(parts: list[dict], chat: bool) -> dict:
+    """The logprobs objects of one choice's pieces as one (a non-streamed response)."""
+    if chat:
+        return {"content": [x for p in parts for x in p["content"]]}
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for p in parts:
+        for k in out:
+            out[k] += p[k]
+    return out
+

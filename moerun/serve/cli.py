@@ -1,0 +1,173 @@
+"""``moerun serve``: the OpenAI-compatible server, in one process or over a layout.
+
+    moerun serve                                              # tiny preset on 127.0.0.1:8000
+    moerun serve --model /ckpt --port 8080 --api-key secret
+    torchrun --nproc_per_node=8 -m moerun.serve --tp 2 --pp 2 --ep 4 --dp 2 --model /ckpt
+
+Rank 0 runs the HTTP server (uvicorn, in a thread) and the engine leader (in the main
+thread); every other rank follows the leader's ticks. The HTTP server starts first, so
+/health answers 503 while the model loads. SIGTERM or SIGINT (on rank 0, or the torchrun
+parent, which forwards it to every rank): /health turns 503, new requests get 503, the
+requests in flight finish within --drain-timeout seconds (then they are aborted with an
+error), and every rank exits 0. The other ranks ignore the signal and stop when the
+leader says so. A dead rank or an engine error fails every request in flight with an
+error and every rank exits non-zero.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from .. import args as cli_args
+from ..build import resolve_device, resolve_dtype
+from ..engine import Engine, follow_leader
+from ..entry import run_command
+from ..runtime import Runtime, launched_world
+from ..tokenizer import load_tokenizer
+from .app import ServerSettings, ServerState, build_app
+from .chat import load_chat_template
+from .loop import EngineLoop
+from .metrics import ServerMetrics
+
+log = logging.getLogger("moerun")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="moerun serve", description=__doc__, formatter_class=cli_args.HelpFormatter)
+    cli_args.add_model_args(ap)
+    cli_args.add_layout_args(ap)
+    cli_args.add_engine_args(ap)
+    g = ap.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (rank 0)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model as given)")
+    g.add_argument("--max-waiting", type=int, default=256, help="requests queued before new ones get 503")
+    g.add_argument("--api-key", default=os.environ.get("MOERUN_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $MOERUN_API_KEY, else none)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="prompt + completion tokens per request (default: the model's max_position_embeddings, "
+                        "capped by the KV cache)")
+    g.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM / SIGINT")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return run_command("moerun serve", lambda: _serve(args))
+
+
+def check_server_flags(args) -> None:
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port} is not a TCP port (0..65535)")
+    if args.max_waiting < 1:
+        raise ValueError(f"--max-waiting must be >= 1, got {args.max_waiting}")
+    if args.drain_timeout < 0:
+        raise ValueError(f"--drain-timeout must be >= 0 seconds, got {args.drain_timeout}")
+    if args.timeout <= 0:
+        raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise ValueError(f"--max-model-len must be >= 2, got {args.max_model_len}")
+
+
+def _serve(args) -> int:
+    opts, par, ecfg = cli_args.model_options(args), cli_args.parallel_config(args), cli_args.engine_config(args)
+    check_server_flags(args)
+    rank, _ = launched_world()
+    if rank != 0:  # followers: the leader decides when to stop
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
+        rt = Runtime.create(opts, par, args.timeout)
+        follow_leader(rt.model, ecfg, rt.mesh)
+        return 0
+    settings = ServerSettings(served_model_name=args.served_model_name or opts.model,
+                              max_waiting=args.max_waiting, api_key=args.api_key or None)
+    device = resolve_device(opts.device)
+    metrics = ServerMetrics(settings.served_model_name, tp=par.tp, pp=par.pp, ep=par.ep, dp=par.dp,
+                            dtype=str(resolve_dtype(opts.dtype, device)).removeprefix("torch."), device=device.type)
+    state = ServerState(settings, metrics)
+    http = HttpThread(build_app(state), args.host, args.port)
+    http.start()  # /health is 503 until the model is loaded
+
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+        if state.loop is not None:
+            state.loop.drain(args.drain_timeout)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+    t0 = time.perf_counter()
+    rt = Runtime.create(opts, par, args.timeout)
+    tok = load_tokenizer(opts.model, rt.cfg)
+    template = load_chat_template(opts.model) if os.path.isdir(opts.model) else None
+    engine = Engine(rt.model, ecfg, rt.mesh)
+    cache_tokens = engine.num_blocks * ecfg.block_size
+    max_len = args.max_model_len or min(rt.cfg.max_position_embeddings, cache_tokens)
+    if max_len > rt.cfg.max_position_embeddings:
+        raise ValueError(f"--max-model-len {max_len} is beyond the model's max_position_embeddings "
+                         f"({rt.cfg.max_position_embeddings})")
+    if max_len > cache_tokens:
+        raise ValueError(f"--max-model-len {max_len} does not fit the KV cache ({cache_tokens} tokens per replica): "
+                         "raise --kv-cache-gb or lower --max-model-len")
+    seen = {"preemptions": 0}
+
+    def on_step(loop: EngineLoop, events) -> None:
+        metrics.set_queue(loop.num_running, loop.queued(), loop.kv_usage)
+        n = engine.num_preemptions
+        metrics.add_preemptions(n - seen["preemptions"])
+        seen["preemptions"] = n
+    loop = EngineLoop(engine, on_step)
+    state.ready(loop, tok, template, rt.cfg.vocab_size, max_len)
+    if stop["signal"] is not None:  # a signal came while loading
+        loop.drain(args.drain_timeout)
+    log.info("serving %s (%s, %s) on http://%s:%d in %.1fs; max model len %d", settings.served_model_name,
+             rt.cfg.model_type, par, args.host, http.port, time.perf_counter() - t0, max_len)
+    try:
+        loop.run()
+    except BaseException:
+        time.sleep(0.5)  # let the handlers send their error responses
+        raise
+    log.info("drained: stopping")
+    engine.shutdown()
+    http.stop()
+    return 0
+
+
+class HttpThread:
+    """uvicorn in a daemon thread (the main thread keeps the engine and the signals)."""
+
+    def __init__(self, app, host: str, port: int):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                    lifespan="off", timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, name="http", daemon=True)
+        self.port = port
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        self.thread.start()
+        t_end = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise ValueError(f"the HTTP server could not listen on port {self.port} "
+                                 "(in use, or not allowed): pick another --port")
+            if time.monotonic() > t_end:
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.02)
+        if self.port == 0:
+            self.port = self.server.servers[0].sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
