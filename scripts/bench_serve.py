@@ -561,10 +561,12 @@ def format_table(s: dict, *, request_rate: float, max_concurrency: int | None,
             row("Offline run:", "failed")
             lines.append(f"  {offline['error']}")
         else:
+            row("Offline concurrency (requests):", offline["max_concurrency"])
             row("Offline duration (s):", _fmt(offline["duration_s"]))
             row("Offline generated tokens:", offline["output_tokens"])
             row("Offline output throughput (tok/s):", _fmt(offline["output_throughput"]))
             row("Served / offline (%):", _fmt(offline["served_over_offline_pct"], 1))
+            row("Offline, all prompts at once (tok/s):", _fmt(offline["all_at_once_output_throughput"]))
     lines.append("=" * W)
     return "\n".join(lines)
 
@@ -796,12 +798,15 @@ class LaunchedServer:
 
 
 # ============================================================ offline engine
-def run_offline(prompts: list[Prompt], opts: dict, temperature: float) -> dict:
-    """Build the launched model in this process and time Engine.generate on the same prompts
-    (one SamplingParams each). Returns duration_s, output_tokens, output_throughput."""
+def run_offline(prompts: list[Prompt], opts: dict, temperature: float, max_concurrency: int | None = None) -> dict:
+    """Build the launched model in this process and time the engine on the same prompts (one
+    SamplingParams each), twice: with at most ``max_concurrency`` requests in the engine at
+    once (a new one joins as one finishes, as the served run's clients kept it) and with all
+    prompts at once (``Engine.generate``). The first is what "served / offline" compares
+    with: the same work, without HTTP. Returns durations, tokens and throughputs."""
     from moerun.build import build_model  # lazily: the rest of the script needs no torch
     from moerun.engine import Engine, EngineConfig
-    from moerun.sampling import SamplingParams
+    from moerun.options import SamplingParams
 
     if opts.get("kernels"):
         from moerun import kernels
@@ -814,11 +819,24 @@ def run_offline(prompts: list[Prompt], opts: dict, temperature: float) -> dict:
     engine = Engine(model, EngineConfig(**ecfg))  # one engine: on a GPU its KV cache takes the memory
     engine.generate(ids[:1], [SamplingParams(  # untimed warm-up, as the served run had
         max_new_tokens=min(prompts[0].max_tokens, 8), temperature=temperature, ignore_eos=True)])
+    cap = min(max_concurrency or len(ids), len(ids))
     t0 = time.perf_counter()
-    outs = engine.generate(ids, params)
-    dt = time.perf_counter() - t0
-    n = sum(len(o) for o in outs)
-    return {"duration_s": dt, "output_tokens": n, "output_throughput": n / dt if dt > 0 else math.nan,
+    n_capped, nxt, live = 0, 0, 0
+    while nxt < len(ids) or engine.has_unfinished():
+        while live < cap and nxt < len(ids):
+            engine.add_request(ids[nxt], params[nxt])
+            nxt, live = nxt + 1, live + 1
+        for ev in engine.step():
+            n_capped += ev.token is not None
+            live -= ev.finished
+    dt_capped = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    n_all = sum(len(o) for o in engine.generate(ids, params))
+    dt_all = time.perf_counter() - t0
+    return {"duration_s": dt_capped, "output_tokens": n_capped, "max_concurrency": cap,
+            "output_throughput": n_capped / dt_capped if dt_capped > 0 else math.nan,
+            "all_at_once_duration_s": dt_all,
+            "all_at_once_output_throughput": n_all / dt_all if dt_all > 0 else math.nan,
             "model": opts["model"], "seed": opts["seed"], "engine_config": ecfg}
 
 
@@ -1022,13 +1040,14 @@ def main(argv: list[str] | None = None) -> int:
     offline = None
     if a.compare_offline:
         if a.request_rate != float("inf") or a.max_concurrency:
-            print("Note: the served run paced its requests (rate/concurrency); offline runs all prompts at once")
+            print("Note: the served run paced its requests (rate/concurrency); offline keeps the same "
+                  "concurrency and also runs all prompts at once")
         if launch_opts["parallel"]:
             print(f"Note: the server was launched with {', '.join(launch_opts['parallel'])}; "
                   "the offline engine runs in one process")
         print(f"Offline: building {launch_opts['model']} (seed {launch_opts['seed']}) in this process...", flush=True)
         try:
-            offline = run_offline(prompts, launch_opts, a.temperature)
+            offline = run_offline(prompts, launch_opts, a.temperature, a.max_concurrency)
             so = summary["output_throughput"]
             offline["served_over_offline_pct"] = 100 * so / offline["output_throughput"]
         except Exception as e:  # noqa: BLE001 - the served figures still get printed

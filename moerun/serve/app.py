@@ -317,11 +317,18 @@ async def respond(request: Request, state: ServerState, loop: EngineLoop, req, c
 
     # Streaming: the first event of every choice must be in before the 200 goes out, so
     # that a request the engine refuses still gets its 400.
-    queue: asyncio.Queue = asyncio.Queue()
+    queue: asyncio.Queue = asyncio.Queue()  # (choice, text) pieces, or (choice, exception) at a failure
 
     def push(c, text):
         queue.put_nowait((c, text))
-    tasks = [asyncio.create_task(run_choice(state, c, push)) for c in choices]
+
+    async def run_and_report(c):
+        try:
+            await run_choice(state, c, push)
+        except Exception as e:  # the stream reports it; one await per chunk, no polling
+            queue.put_nowait((c, e))
+            raise
+    tasks = [asyncio.create_task(run_and_report(c)) for c in choices]
     try:  # a refusal before the first token is an HTTP error, not a 200 stream with an error in it
         await asyncio.wait([c.accepted for c in choices], return_when=asyncio.FIRST_EXCEPTION)
         for c in choices:
@@ -341,23 +348,13 @@ async def respond(request: Request, state: ServerState, loop: EngineLoop, req, c
                 elif echo:
                     yield P.sse(P.completion_chunk(rid, model, created, c.index, echo[c.index // req.n]))
             done = 0
-            pending = set(tasks)
             while done < len(choices):
-                getter = asyncio.ensure_future(queue.get())
-                finished, _ = await asyncio.wait(pending | {getter}, return_when=asyncio.FIRST_COMPLETED)
-                for t in finished - {getter}:
-                    pending.discard(t)
-                    if t.exception() is not None:
-                        getter.cancel()
-                        e = t.exception()
-                        err = e if isinstance(e, P.APIError) else P.APIError.server_error(str(e))
-                        yield P.sse(P.error_body(err))
-                        yield P.SSE_DONE
-                        return
-                if getter not in finished:
-                    getter.cancel()
-                    continue
-                c, text = getter.result()
+                c, text = await queue.get()
+                if isinstance(text, Exception):
+                    err = text if isinstance(text, P.APIError) else P.APIError.server_error(str(text))
+                    yield P.sse(P.error_body(err))
+                    yield P.SSE_DONE
+                    return
                 final = c.finish_reason is not None
                 done += final
                 if not (text or final or c.unsent):

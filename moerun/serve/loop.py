@@ -61,6 +61,11 @@ class RequestHandle:
         self.aio.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
+def _deliver(items) -> None:
+    for queue, ev in items:
+        queue.put_nowait(ev)
+
+
 class EngineLoop:
     def __init__(self, engine: Engine, on_step: Callable[["EngineLoop", list[TokenEvent]], None] | None = None):
         self.engine = engine
@@ -133,6 +138,7 @@ class EngineLoop:
                     self._publish([])
                     continue
                 events = self.engine.step()
+                by_loop: dict = {}  # one wake-up of each HTTP event loop per step, not one per token
                 for ev in events:
                     h = self.live.get(ev.req_id)
                     if h is None:
@@ -140,7 +146,9 @@ class EngineLoop:
                     if ev.finished:
                         h.done = True
                         del self.live[ev.req_id]
-                    h.put(ev)
+                    by_loop.setdefault(h.aio, []).append((h.queue, ev))
+                for aio, items in by_loop.items():
+                    aio.call_soon_threadsafe(_deliver, items)
                 self._publish(events)
         except BaseException as e:
             self.failed = e
