@@ -3,4 +3,5 @@ import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # the HTTP process is spawned: it imports this module, and must not serve again
+    sys.exit(main())

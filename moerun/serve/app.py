@@ -1,8 +1,9 @@
-"""The FastAPI app: the OpenAI routes on top of an ``EngineLoop``.
+"""The FastAPI app: the OpenAI routes on top of an ``EngineClient`` (the engine runs in
+another process; see moerun.serve.loop and moerun.serve.client).
 
     state = ServerState(settings, metrics)          # before the model loads: /health is 503
     app = build_app(state)                          # uvicorn serves it (moerun.serve.cli)
-    state.ready(loop, tokenizer, chat_template, vocab_size, max_model_len)
+    state.ready(client, tokenizer, chat_template, vocab_size, max_model_len)
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
 GET /version, POST /tokenize, POST /detokenize, GET /metrics. Every error is OpenAI's
@@ -29,7 +30,8 @@ from .. import __version__
 from . import protocol as P
 from .chat import chat_prompt_ids
 from .detok import TextStream
-from .loop import Accepted, EngineLoop, Failed
+from .client import EngineClient
+from .loop import Accepted, Failed
 from .metrics import RequestClock, ServerMetrics
 
 
@@ -45,17 +47,17 @@ class ServerState:
 
     def __init__(self, settings: ServerSettings, metrics: ServerMetrics):
         self.settings, self.metrics = settings, metrics
-        self.loop: EngineLoop | None = None
+        self.loop: EngineClient | None = None
         self.tokenizer = self.chat_template = None
         self.vocab_size = self.max_model_len = 0
         self.created = P.now()
 
-    def ready(self, loop: EngineLoop, tokenizer, chat_template, vocab_size: int, max_model_len: int) -> None:
+    def ready(self, loop: EngineClient, tokenizer, chat_template, vocab_size: int, max_model_len: int) -> None:
         self.tokenizer, self.chat_template = tokenizer, chat_template
         self.vocab_size, self.max_model_len = vocab_size, max_model_len
         self.loop = loop  # last: a non-None loop means ready
 
-    def serving(self) -> EngineLoop:
+    def serving(self) -> EngineClient:
         """The loop if requests can be taken now, else the 503 that says why."""
         loop = self.loop
         if loop is None:
@@ -253,7 +255,7 @@ def build_app(state: ServerState) -> FastAPI:
     return app
 
 
-def admit(state: ServerState) -> EngineLoop:
+def admit(state: ServerState) -> EngineClient:
     loop = state.serving()
     if loop.queued() >= state.settings.max_waiting:
         raise P.APIError.unavailable(f"The server is at capacity: {state.settings.max_waiting} requests are "
@@ -276,7 +278,7 @@ def make_choices(state: ServerState, req, prompts: list[list[int]], max_tokens: 
     return out
 
 
-async def respond(request: Request, state: ServerState, loop: EngineLoop, req, choices: list[Choice], *,
+async def respond(request: Request, state: ServerState, loop: EngineClient, req, choices: list[Choice], *,
                   chat: bool, echo: list[str] | None = None):
     rid, model, created = P.new_id("chatcmpl" if chat else "cmpl"), state.settings.served_model_name, P.now()
     n_prompt = sum(len(c.prompt) for c in choices[:: req.n])

@@ -4,9 +4,10 @@
     moerun serve --model /ckpt --port 8080 --api-key secret
     torchrun --nproc_per_node=8 -m moerun.serve --tp 2 --pp 2 --ep 4 --dp 2 --model /ckpt
 
-Rank 0 runs the HTTP server (uvicorn, in a thread) and the engine leader (in the main
-thread); every other rank follows the leader's ticks. The HTTP server starts first, so
-/health answers 503 while the model loads. SIGTERM or SIGINT (on rank 0, or the torchrun
+Rank 0 runs the engine leader in its main thread and spawns one HTTP process (uvicorn,
+the routes, tokenizing and detokenizing), joined by a pipe, so HTTP work never holds the
+engine's interpreter lock; every other rank follows the leader's ticks. The HTTP process
+starts first, so /health answers 503 while the model loads. SIGTERM or SIGINT (on rank 0, or the torchrun
 parent, which forwards it to every rank): /health turns 503, new requests get 503, the
 requests in flight finish within --drain-timeout seconds (then they are aborted with an
 error), and every rank exits 0. The other ranks ignore the signal and stop when the
@@ -17,20 +18,24 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing as mp
 import os
 import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 from .. import args as cli_args
 from ..build import resolve_device, resolve_dtype
+from ..config import ModelConfig
 from ..engine import Engine, follow_leader
-from ..entry import run_command
+from ..entry import run_command, setup_logging
 from ..runtime import Runtime, launched_world
 from ..tokenizer import load_tokenizer
 from .app import ServerSettings, ServerState, build_app
 from .chat import load_chat_template
+from .client import EngineClient
 from .loop import EngineLoop
 from .metrics import ServerMetrics
 
@@ -85,28 +90,45 @@ def _serve(args) -> int:
         rt = Runtime.create(opts, par, args.timeout)
         follow_leader(rt.model, ecfg, rt.mesh)
         return 0
-    settings = ServerSettings(served_model_name=args.served_model_name or opts.model,
-                              max_waiting=args.max_waiting, api_key=args.api_key or None)
     device = resolve_device(opts.device)
-    metrics = ServerMetrics(settings.served_model_name, tp=par.tp, pp=par.pp, ep=par.ep, dp=par.dp,
-                            dtype=str(resolve_dtype(opts.dtype, device)).removeprefix("torch."), device=device.type)
-    state = ServerState(settings, metrics)
-    http = HttpThread(build_app(state), args.host, args.port)
-    http.start()  # /health is 503 until the model is loaded
+    http = HttpSpec(served_model_name=args.served_model_name or opts.model, max_waiting=args.max_waiting,
+                    api_key=args.api_key or None, host=args.host, port=args.port, model=opts.model,
+                    layout={"tp": par.tp, "pp": par.pp, "ep": par.ep, "dp": par.dp,
+                            "dtype": str(resolve_dtype(opts.dtype, device)).removeprefix("torch."),
+                            "device": device.type})
+    conn, child_conn = mp.get_context("spawn").Pipe()
+    proc = mp.get_context("spawn").Process(target=http_main, args=(child_conn, http), name="moerun-http", daemon=True)
+    proc.start()
+    child_conn.close()
+    try:
+        return _lead(args, opts, par, ecfg, conn, proc)
+    finally:
+        try:  # (closing alone would not wake the HTTP process: our reader thread holds the pipe)
+            conn.send(("stop",))
+        except OSError:
+            pass
+        proc.join(10)
 
-    stop = {"signal": None}
+
+def _lead(args, opts, par, ecfg, conn, proc) -> int:
+    if not conn.poll(120):
+        raise RuntimeError("the HTTP process did not start")
+    kind, ok, detail = conn.recv()
+    if not ok:
+        raise ValueError(detail)
+    port = detail  # /health is 503 until the engine below says ready
+
+    stop = {"loop": None, "signal": None}
 
     def on_signal(signum, _frame):
         stop["signal"] = signum
-        if state.loop is not None:
-            state.loop.drain(args.drain_timeout)
+        if stop["loop"] is not None:
+            stop["loop"].drain(args.drain_timeout)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
 
     t0 = time.perf_counter()
     rt = Runtime.create(opts, par, args.timeout)
-    tok = load_tokenizer(opts.model, rt.cfg)
-    template = load_chat_template(opts.model) if os.path.isdir(opts.model) else None
     engine = Engine(rt.model, ecfg, rt.mesh)
     cache_tokens = engine.num_blocks * ecfg.block_size
     max_len = args.max_model_len or min(rt.cfg.max_position_embeddings, cache_tokens)
@@ -116,28 +138,69 @@ def _serve(args) -> int:
     if max_len > cache_tokens:
         raise ValueError(f"--max-model-len {max_len} does not fit the KV cache ({cache_tokens} tokens per replica): "
                          "raise --kv-cache-gb or lower --max-model-len")
-    seen = {"preemptions": 0}
-
-    def on_step(loop: EngineLoop, events) -> None:
-        metrics.set_queue(loop.num_running, loop.queued(), loop.kv_usage)
-        n = engine.num_preemptions
-        metrics.add_preemptions(n - seen["preemptions"])
-        seen["preemptions"] = n
-    loop = EngineLoop(engine, on_step)
-    state.ready(loop, tok, template, rt.cfg.vocab_size, max_len)
+    loop = stop["loop"] = EngineLoop(engine, conn)
+    conn.send(("ready", rt.cfg.vocab_size, max_len))
     if stop["signal"] is not None:  # a signal came while loading
         loop.drain(args.drain_timeout)
-    log.info("serving %s (%s, %s) on http://%s:%d in %.1fs; max model len %d", settings.served_model_name,
-             rt.cfg.model_type, par, args.host, http.port, time.perf_counter() - t0, max_len)
-    try:
-        loop.run()
-    except BaseException:
-        time.sleep(0.5)  # let the handlers send their error responses
-        raise
+    log.info("serving %s (%s, %s) on http://%s:%d in %.1fs; max model len %d",
+             args.served_model_name or opts.model, rt.cfg.model_type, par, args.host, port,
+             time.perf_counter() - t0, max_len)
+    loop.run()
     log.info("drained: stopping")
     engine.shutdown()
-    http.stop()
     return 0
+
+
+# The HTTP process yields the CPU to the engine's compute threads when both want it: on
+# a machine whose cores the engine fills (a CPU run), HTTP work then fills the engine's gaps
+# instead of stretching its steps. Measured in docs/perf.md.
+HTTP_NICE = 5
+
+
+@dataclass(frozen=True)
+class HttpSpec:
+    """What the HTTP process needs to know (it loads no model, only the tokenizer)."""
+    served_model_name: str
+    max_waiting: int
+    api_key: str | None
+    host: str
+    port: int
+    model: str
+    layout: dict
+
+
+def http_main(conn, spec: HttpSpec) -> None:
+    """The HTTP process: uvicorn, the routes and the tokenizer. It ignores SIGTERM / SIGINT
+    (the engine process drains and tells it) and exits when the pipe to the engine closes."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    os.nice(HTTP_NICE)
+    setup_logging()
+    metrics = ServerMetrics(spec.served_model_name, **spec.layout)
+    state = ServerState(ServerSettings(spec.served_model_name, spec.max_waiting, spec.api_key), metrics)
+    seen = {"preemptions": 0}
+
+    def on_stats(st) -> None:
+        metrics.set_queue(st.running, st.waiting + len(client.unanswered), st.kv_usage)
+        metrics.add_preemptions(st.preemptions - seen["preemptions"])
+        seen["preemptions"] = st.preemptions
+
+    def on_ready(vocab_size: int, max_model_len: int) -> None:
+        cfg = ModelConfig.load(spec.model)
+        tok = load_tokenizer(spec.model, cfg)
+        template = load_chat_template(spec.model) if os.path.isdir(spec.model) else None
+        state.ready(client, tok, template, vocab_size, max_model_len)
+
+    client = EngineClient(conn, on_stats, on_ready)
+    http = HttpThread(build_app(state), spec.host, spec.port)
+    try:
+        http.start()
+    except (ValueError, RuntimeError) as e:
+        conn.send(("http", False, str(e)))
+        return
+    conn.send(("http", True, http.port))
+    client.run()  # until the engine process closes the pipe
+    http.stop()
 
 
 class HttpThread:

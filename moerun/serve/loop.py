@@ -1,32 +1,33 @@
-"""EngineLoop: the leader's engine driven for a server. It runs in the main thread of
-rank 0 (the collectives and the signal handlers live there); the HTTP handlers, in the
-server's event loop thread, talk to it only through ``submit`` / ``abort`` and the
-asyncio queue each request gets.
+"""The engine side of the server: ``EngineLoop`` drives the leader's engine in the main
+thread of rank 0 (the collectives and the signal handlers live there) and talks to the
+HTTP process (``moerun.serve.client``) over one duplex pipe. The HTTP process owns
+tokenizing, detokenizing, JSON and sockets; the engine process only sees token ids, so
+the two never contend for one interpreter lock.
 
-    loop = EngineLoop(engine, on_step=metrics_update)
-    handle = loop.submit(prompt_ids, params, asyncio_loop)   # -> RequestHandle (thread-safe)
-    ev = await handle.queue.get()      # Accepted, then TokenEvent..., or Failed
-    loop.abort(handle)                 # client gone, stop string: frees its KV blocks
-    loop.run()                         # main thread: until drained or failed
+    loop = EngineLoop(engine, conn)    # conn: a multiprocessing Connection to the HTTP process
+    loop.run()                          # main thread: until drained (returns) or failed (raises)
+    loop.drain(timeout_s)               # from a signal handler
 
-Between engine steps the loop takes new requests and aborts, and when nothing is in
-flight it sleeps on a condition: an idle server ticks no step and sends nothing over the
-control group. ``drain(timeout_s)`` refuses new requests, lets the ones in flight
-finish, and after the timeout aborts what is left (their clients get an error). An
+Messages, HTTP -> engine: ``("submit", hid, prompt_ids, SamplingParams)``,
+``("abort", hid)``. Engine -> HTTP: ``("ready", vocab_size, max_model_len)`` once loaded,
+``("step", [(hid, item), ...], Stats)`` once per step (items: ``Accepted``, ``Failed``,
+``TokenEvent``), ``("drain",)`` when draining starts, ``("stop",)`` at the end.
+A reader thread takes the HTTP messages into the loop between steps.
+
+When nothing is in flight the loop sleeps on a condition: an idle server ticks no step and
+sends nothing over the control group. ``drain`` refuses new requests, lets the ones in
+flight finish, and after the timeout aborts what is left (their clients get an error). An
 exception in a step (a peer rank died, a collective timed out) fails every request in
 flight with ``Failed`` and is re-raised from ``run``: the process then exits non-zero.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
-from ..engine import Engine, TokenEvent
-from ..options import SamplingParams
+from ..engine import Engine
 
 log = logging.getLogger("moerun")
 IDLE_WAIT_S = 0.5  # an idle loop wakes this often only to look at the drain flag
@@ -46,136 +47,122 @@ class Failed:
     message: str
 
 
-@dataclass
-class RequestHandle:
-    prompt: list[int]
-    params: SamplingParams
-    queue: asyncio.Queue
-    aio: asyncio.AbstractEventLoop
-    req_id: int | None = None
-    done: bool = False
-    arrival: float = field(default_factory=time.monotonic)
-
-    def put(self, item) -> None:
-        """From the engine thread: hand an event to the request's handler."""
-        self.aio.call_soon_threadsafe(self.queue.put_nowait, item)
-
-
-def _deliver(items) -> None:
-    for queue, ev in items:
-        queue.put_nowait(ev)
+@dataclass(frozen=True)
+class Stats:
+    """The engine's queue after a step, for /metrics and --max-waiting."""
+    running: int
+    waiting: int
+    kv_usage: float
+    preemptions: int  # since start
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, on_step: Callable[["EngineLoop", list[TokenEvent]], None] | None = None):
-        self.engine = engine
-        self.on_step = on_step
+    def __init__(self, engine: Engine, conn):
+        self.engine, self.conn = engine, conn
         self.cond = threading.Condition()
-        self.pending: list[RequestHandle] = []  # submitted, not yet given to the engine
-        self.aborts: list[RequestHandle] = []
-        self.live: dict[int, RequestHandle] = {}  # engine request id -> handle
+        self.inbox: list[tuple] = []  # messages from the HTTP process, not yet handled
+        self.live: dict[int, int] = {}  # engine request id -> HTTP handle id
+        self.req_of: dict[int, int] = {}  # HTTP handle id -> engine request id
         self.draining = False
-        self.drain_deadline: float | None = None
-        self.failed: BaseException | None = None
-        self.stopped = False
-        # read by the HTTP thread without the lock (plain ints and floats)
-        self.num_running = self.num_waiting = 0
-        self.kv_usage = 0.0
+        self.drain_deadline = 0.0
+        self.http_gone = False
+        self.send_lock = threading.Lock()
+        threading.Thread(target=self._read, name="from-http", daemon=True).start()
 
-    # ------------------------------------------------------------ HTTP thread
-    def submit(self, prompt: list[int], params: SamplingParams, aio: asyncio.AbstractEventLoop) -> RequestHandle:
-        h = RequestHandle(prompt, params, asyncio.Queue(), aio)
-        with self.cond:
-            if self.failed is not None or self.stopped:
-                h.put(Failed(500, "the engine has stopped"))
-            elif self.draining:
-                h.put(Failed(503, "the server is shutting down"))
-            else:
-                self.pending.append(h)
-                self.cond.notify()
-        return h
-
-    def abort(self, h: RequestHandle) -> None:
-        with self.cond:
-            if not h.done:
-                self.aborts.append(h)
+    def _read(self) -> None:
+        """The reader thread: HTTP messages into the inbox (EOF: the HTTP process is gone)."""
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                with self.cond:
+                    self.http_gone = True
+                    self.cond.notify()
+                return
+            with self.cond:
+                self.inbox.append(msg)
                 self.cond.notify()
 
-    def queued(self) -> int:
-        """Requests not yet running: for the --max-waiting check."""
-        return len(self.pending) + self.num_waiting
+    def _send(self, msg) -> None:
+        with self.send_lock:
+            try:
+                self.conn.send(msg)
+            except (BrokenPipeError, OSError):
+                self.http_gone = True
 
-    # ------------------------------------------------------------ main thread
     def drain(self, timeout_s: float) -> None:
         """Stop taking requests; finish the ones in flight within ``timeout_s``. Callable
-        from a signal handler (it only sets two fields)."""
+        from a signal handler (it only sets fields; the loop tells the HTTP process)."""
         if not self.draining:
             self.drain_deadline = time.monotonic() + timeout_s
             self.draining = True
+            with self.cond:
+                self.cond.notify()
 
     def run(self) -> None:
+        out: list[tuple] = []
+        told_drain = False
         try:
             while True:
                 with self.cond:
-                    while not (self.pending or self.aborts or self.engine.has_unfinished() or self.draining):
+                    while not (self.inbox or self.engine.has_unfinished() or self.draining or self.http_gone):
                         self.cond.wait(IDLE_WAIT_S)
-                    pending, self.pending = self.pending, []
-                    aborts, self.aborts = self.aborts, []
+                    inbox, self.inbox = self.inbox, []
+                if self.http_gone and not self.draining:
+                    log.warning("the HTTP process is gone: draining")
+                    self.drain(0.0)
+                if self.draining and not told_drain:
+                    self._send(("drain",))
+                    told_drain = True
+                for msg in inbox:
+                    self._handle(msg, out)
                 if self.draining:
-                    for h in pending:
-                        h.put(Failed(503, "the server is shutting down"))
-                    pending = []
                     if not self.engine.has_unfinished():
-                        break
+                        self._flush(out)
+                        return
                     if time.monotonic() >= self.drain_deadline:
-                        aborts += [h for h in self.live.values() if h not in aborts]
-                for h in aborts:
-                    if h.req_id is not None and not h.done:
-                        self.engine.abort(h.req_id)
-                for h in pending:
-                    self._admit(h, aborted=h in aborts)
-                if not self.engine.has_unfinished():
-                    self._publish([])
-                    continue
-                events = self.engine.step()
-                by_loop: dict = {}  # one wake-up of each HTTP event loop per step, not one per token
-                for ev in events:
-                    h = self.live.get(ev.req_id)
-                    if h is None:
-                        continue
-                    if ev.finished:
-                        h.done = True
-                        del self.live[ev.req_id]
-                    by_loop.setdefault(h.aio, []).append((h.queue, ev))
-                for aio, items in by_loop.items():
-                    aio.call_soon_threadsafe(_deliver, items)
-                self._publish(events)
+                        for rid in list(self.live):
+                            self.engine.abort(rid)
+                if self.engine.has_unfinished():
+                    for ev in self.engine.step():
+                        hid = self.live.get(ev.req_id)
+                        if hid is None:
+                            continue
+                        if ev.finished:
+                            del self.live[ev.req_id]
+                            self.req_of.pop(hid, None)
+                        out.append((hid, ev))
+                self._flush(out)
         except BaseException as e:
-            self.failed = e
-            with self.cond:
-                handles = list(self.live.values()) + self.pending
-                self.pending = []
-            for h in handles:
-                h.put(Failed(500, f"the engine failed: {type(e).__name__}: {e}"))
+            for hid in list(self.live.values()):
+                out.append((hid, Failed(500, f"the engine failed: {type(e).__name__}: {e}")))
+            self._flush(out)
             raise
-        finally:
-            self.stopped = True
 
-    def _admit(self, h: RequestHandle, aborted: bool) -> None:
-        if aborted:  # the client left before the engine saw the request
-            h.done = True
-            return
-        try:
-            h.req_id = self.engine.add_request(h.prompt, h.params)
-        except ValueError as e:
-            h.done = True
-            h.put(Failed(400, str(e)))
-            return
-        self.live[h.req_id] = h
-        h.put(Accepted(h.req_id))
+    def _handle(self, msg: tuple, out: list) -> None:
+        kind = msg[0]
+        if kind == "submit":
+            _, hid, prompt, params = msg
+            if self.draining:
+                out.append((hid, Failed(503, "the server is shutting down")))
+                return
+            try:
+                rid = self.engine.add_request(prompt, params)
+            except ValueError as e:
+                out.append((hid, Failed(400, str(e))))
+                return
+            self.live[rid], self.req_of[hid] = hid, rid
+            out.append((hid, Accepted(rid)))
+        elif kind == "abort":
+            rid = self.req_of.pop(msg[1], None)
+            if rid is not None:
+                self.engine.abort(rid)  # its last event comes with the next step
+        else:
+            raise AssertionError(f"unknown message from the HTTP process: {kind!r}")
 
-    def _publish(self, events: list[TokenEvent]) -> None:
+    def _flush(self, out: list) -> None:
         e = self.engine
-        self.num_running, self.num_waiting, self.kv_usage = e.num_running(), e.num_waiting(), e.kv_usage()
-        if self.on_step is not None:
-            self.on_step(self, events)
+        stats = Stats(e.num_running(), e.num_waiting(), e.kv_usage(), e.num_preemptions)
+        if out or not self.http_gone:
+            self._send(("step", list(out), stats))
+        out.clear()
