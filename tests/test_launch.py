@@ -1,0 +1,65 @@
+"""The launch recipes as users run them: two torchrun agents on this machine stand for two
+nodes (loopback), the pipeline split across them, and the tokens equal one process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_layouts import free_port
+
+LAUNCH = Path(__file__).resolve().parents[1] / "launch"
+PROMPTS = ["--prompt-ids", "3,1,4,1,5", "--prompt-ids", "9,2,6"]
+
+
+def one_process(path) -> list:
+    p = subprocess.run([sys.executable, "-m", "moerun.generate", "--model", str(path), *PROMPTS,
+                        "--max-new-tokens", "6", "--ignore-eos", "--json"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def two_nodes(script: str, env_of, args) -> list[subprocess.CompletedProcess]:
+    """Run ``script`` once per 'node' at the same time; each gets env_of(node_rank)."""
+    bin_dir = str(Path(sys.executable).parent)  # the recipes call torchrun from PATH
+    procs = [subprocess.Popen(["bash", str(LAUNCH / script), "generate", *args],
+                              env={**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "NNODES": "2",
+                                   "NPROC": "1", **env_of(n)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(2)]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=240)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
+@pytest.mark.parametrize("script", ["multi_node.sh", "multi_node_c10d.sh"])
+def test_two_nodes_with_the_pipeline_across_them(script, hf_checkpoint):
+    path, _ = hf_checkpoint("mixtral")
+    port = free_port()
+    if script == "multi_node.sh":
+        env_of = lambda n: {"NODE_RANK": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # noqa: E731
+    else:
+        env_of = lambda n: {"RDZV_ENDPOINT": f"127.0.0.1:{port}", "RDZV_ID": f"t{port}"}  # noqa: E731
+    args = ["--model", str(path), "--pp", "2", *PROMPTS, "--max-new-tokens", "6", "--ignore-eos", "--json",
+            "--timeout", "60"]
+    runs = two_nodes(script, env_of, args)
+    assert [r.returncode for r in runs] == [0, 0], [r.stderr[-2000:] for r in runs]
+    printed = [r.stdout.strip() for r in runs if r.stdout.strip()]
+    assert len(printed) == 1  # global rank 0 prints, on one node
+    if script == "multi_node.sh":
+        assert runs[0].stdout.strip(), "static ranks put global rank 0 on NODE_RANK 0"
+    assert json.loads(printed[0].splitlines()[-1]) == one_process(path)
+
+
+def test_recipes_parse():
+    for f in ["single_node.sh", "multi_node.sh", "multi_node_c10d.sh", "slurm.sbatch"]:
+        p = subprocess.run(["bash", "-n", str(LAUNCH / f)], capture_output=True, text=True)
+        assert p.returncode == 0, (f, p.stderr)
+    p = subprocess.run(["bash", str(LAUNCH / "multi_node.sh"), "generate"], capture_output=True, text=True,
+                       env={k: v for k, v in os.environ.items() if k not in ("NNODES", "NODE_RANK", "MASTER_ADDR")})
+    assert p.returncode != 0 and "set NNODES" in p.stderr  # a missing setting is named
