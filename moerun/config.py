@@ -55,6 +55,7 @@ class ModelConfig:
     name: str = ""
 
     def __post_init__(self):
+        _check_types(self)
         if not self.moe_layers:
             object.__setattr__(self, "moe_layers", (True,) * self.num_layers)
         if not self.sliding_windows:
@@ -110,8 +111,14 @@ class ModelConfig:
                 )
         if not path.exists():
             raise ValueError(f"{path} not found: a checkpoint directory must hold config.json")
-        with open(path) as f:
-            raw = json.load(f)
+        raw = _read_json(path)
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        gen = path.with_name("generation_config.json")
+        if gen.is_file():  # transformers' generate stops at these EOS ids: so does moerun
+            eos = _read_json(gen).get("eos_token_id")
+            if eos is not None:
+                raw = {**raw, "eos_token_id": eos}
         return ModelConfig.from_hf(raw, name=str(model))
 
     @staticmethod
@@ -184,6 +191,30 @@ class ModelConfig:
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
+
+
+def _read_json(path: Path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); fix or replace the file") from None
+
+
+def _check_types(cfg: "ModelConfig") -> None:
+    """A config.json field of the wrong type (e.g. "hidden_size": "64") named, before any
+    arithmetic on it fails obscurely."""
+    bad = []
+    for f in dataclasses.fields(cfg):
+        v, hint = getattr(cfg, f.name), str(f.type)
+        if hint == "int" and (type(v) is not int):
+            bad.append(f"{f.name} = {v!r} must be an integer")
+        elif hint == "float" and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            bad.append(f"{f.name} = {v!r} must be a number")
+        elif hint == "bool" and not isinstance(v, bool):
+            bad.append(f"{f.name} = {v!r} must be true or false")
+    if bad:
+        raise ValueError(f"config {cfg.name or cfg.model_type!r}: " + "; ".join(bad))
 
 
 def list_presets() -> list[str]:

@@ -17,8 +17,19 @@ log = logging.getLogger("moerun")
 SUPPORTED_TYPES = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe")
 
 
+# config.json fields that must be integers when present (their arithmetic comes first)
+INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "num_experts", "num_local_experts", "num_experts_per_tok", "intermediate_size",
+              "moe_intermediate_size", "shared_expert_intermediate_size", "decoder_sparse_step",
+              "max_position_embeddings", "sliding_window", "max_window_layers")
+
+
 def fields_from_hf(raw: dict, name: str = "") -> dict:
     """ModelConfig's fields from a Hugging Face config.json (a dict); ValueError names what is wrong."""
+    bad = [f"{k} = {raw[k]!r} must be an integer" for k in INT_FIELDS
+           if raw.get(k) is not None and type(raw[k]) is not int]
+    if bad:
+        raise ValueError("config.json: " + "; ".join(bad))
     mt = raw.get("model_type")
     if mt not in SUPPORTED_TYPES:
         raise ValueError(

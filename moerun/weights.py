@@ -23,6 +23,7 @@ from .config import ModelConfig
 from .model import MoEModel
 
 INDEX = "model.safetensors.index.json"
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")  # safetensors' dtype names the loader converts
 
 
 class CheckpointError(ValueError):
@@ -35,12 +36,30 @@ class LoadReport:
     tensors_read: int
 
 
+def _open(fn: Path):
+    """A safetensors file opened for slicing; a CheckpointError naming it when it is not one."""
+    try:
+        return safe_open(fn, "pt", device="cpu")
+    except FileNotFoundError:
+        raise CheckpointError(f"{fn} is missing: the checkpoint's index names it; copy every shard") from None
+    except Exception as e:  # safetensors raises its own error type for a truncated or empty file
+        raise CheckpointError(f"{fn} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                              "it may be truncated: download or copy it again") from None
+
+
 def checkpoint_files(path: str | Path) -> dict[str, Path]:
     """Tensor name -> file, from the index when sharded, else from the single file."""
     path = Path(path)
     if (path / INDEX).exists():
-        with open(path / INDEX) as f:
-            weight_map = json.load(f)["weight_map"]
+        try:
+            with open(path / INDEX) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path / INDEX} is not a safetensors index ({type(e).__name__}: {e}); "
+                                  'it needs {"weight_map": {tensor name: file}}') from None
+        missing = sorted({fn for fn in weight_map.values() if not (path / fn).is_file()})
+        if missing:
+            raise CheckpointError(f"{path} lacks shard(s) {', '.join(missing)} that {INDEX} names: copy them")
         return {name: path / fn for name, fn in weight_map.items()}
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -48,7 +67,7 @@ def checkpoint_files(path: str | Path) -> dict[str, Path]:
                               "convert them with transformers' save_pretrained(safe_serialization=True))")
     out = {}
     for fn in files:
-        with safe_open(fn, "pt") as f:
+        with _open(fn) as f:
             out.update({k: fn for k in f.keys()})
     return out
 
@@ -77,26 +96,38 @@ def load_checkpoint(model, path: str | Path) -> LoadReport:
     specs = model.specs()
     handles: dict[Path, object] = {}
     bytes_read = 0
-    misshaped = []
+    misshaped, wrong_dtype, non_finite = [], [], []
     try:
         for spec in specs:
             if spec.name not in files:
                 continue
             fn = files[spec.name]
             if fn not in handles:
-                handles[fn] = safe_open(fn, "pt", device="cpu")
+                handles[fn] = _open(fn)
             sl = handles[fn].get_slice(spec.name)
             shape = tuple(sl.get_shape())
             if shape != tuple(spec.shape):
                 misshaped.append(f"{spec.name}: expected {list(spec.shape)}, found {list(shape)}")
                 continue
+            if sl.get_dtype() not in FLOAT_DTYPES:
+                wrong_dtype.append(f"{spec.name}: {sl.get_dtype()}")
+                continue
             t = sl[spec.index] if spec.index else sl[:]
+            # one reduction per tensor: a NaN or inf anywhere makes the sum non-finite
+            if not torch.isfinite(t.float().sum()):
+                non_finite.append(spec.name)
+                continue
             spec.dest.data.copy_(t.to(spec.dest.dtype))
             bytes_read += t.numel() * t.element_size()
     finally:
         handles.clear()
     if misshaped:
         problems.append(f"mis-shaped tensors ({len(misshaped)}): " + "; ".join(misshaped[:20]))
+    if wrong_dtype:
+        problems.append(f"tensors that are not floating point ({len(wrong_dtype)}; weights must be F32, F16 or "
+                        "BF16): " + "; ".join(wrong_dtype[:20]))
+    if non_finite:
+        problems.append(f"tensors holding NaN or inf ({len(non_finite)}): " + ", ".join(non_finite[:20]))
     if problems:
         raise CheckpointError(f"checkpoint {path} does not match model_type {model.cfg.model_type!r} "
                               f"as its config.json describes it:\n  " + "\n  ".join(problems))
