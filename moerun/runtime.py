@@ -14,13 +14,60 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import torch
+
 from . import kernels
-from .build import build_model, resolve_device
+from .build import build_model, resolve_device, resolve_dtype
 from .config import ModelConfig
 from .mesh import DistComm, Mesh
 from .model import MoEModel
 from .options import ModelOptions
-from .parallel import ParallelConfig
+from .parallel import ParallelConfig, valid_layouts
+from .plan.cost import rank_params
+
+GB = 1e9
+
+
+def available_bytes(device) -> int:
+    """Memory this process may still take: free device memory on a GPU, MemAvailable on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: do not refuse
+
+
+def check_memory(cfg: ModelConfig, par: ParallelConfig, rank: int, dtype, device) -> None:
+    """Refuse, before allocating anything, a model whose weights do not fit: how much this
+    rank needs, how much there is, and what would fit. On a CPU every rank of this machine
+    shares one memory, so there the whole layout's weights count."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    need = rank_params(cfg, par, rank).total * elem
+    if device.type != "cuda":  # the ranks on this host share its memory (ranks fill hosts in order)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        first = rank - int(os.environ.get("LOCAL_RANK", "0"))
+        need = sum(rank_params(cfg, par, r).total for r in range(first, first + local)) * elem if local > 1 else need
+    have = available_bytes(device)
+    if need <= have:
+        return
+    what = (f"{cfg.name or cfg.model_type} needs {need / GB:.1f} GB for its weights "
+            f"({'this rank' if device.type == 'cuda' else 'the ranks on this machine'}, {par}, "
+            f"{str(dtype).removeprefix('torch.')}), but {have / GB:.1f} GB is available")
+    if device.type == "cuda":
+        fits = [p for w in (2, 4, 8, 16, 32, 64) for p in valid_layouts(cfg, w)
+                if max(rank_params(cfg, p, r).total for r in range(p.world_size)) * elem <= have][:5]
+        hint = ("layouts whose fullest rank fits: " + ", ".join(f"{p} ({p.world_size} GPUs)" for p in fits)
+                if fits else "no layout of up to 64 GPUs fits this GPU's free memory")
+    else:
+        half = rank_params(cfg, ParallelConfig(), 0).total * 2
+        hint = (f"on one machine the ranks share its memory, so the whole model must fit: "
+                f"bfloat16 needs {half / GB:.1f} GB (--dtype bfloat16), or run on GPUs / more machines")
+    raise ValueError(f"{what}; {hint}")
 
 
 def launched_world() -> tuple[int, int]:
@@ -44,6 +91,8 @@ class Runtime:
                              f"torchrun --nproc_per_node={par.world_size} -m moerun.<command> ...")
         par.validate(cfg, world)  # before any process group
         kernels.set_default_impl(opts.kernels)
+        device = resolve_device(opts.device)
+        check_memory(cfg, par, rank, resolve_dtype(opts.dtype, device), device)
         if world == 1:
             model = build_model(opts.model, dtype=opts.dtype, device=opts.device, seed=opts.seed, cfg=cfg)
             return Runtime(model, cfg, None)

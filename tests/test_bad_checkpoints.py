@@ -96,3 +96,13 @@ def test_generation_config_eos_is_honoured(hf_checkpoint, tmp_path):
     assert ModelConfig.load(d).eos_token_ids == ()
     (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 11]}))
     assert ModelConfig.load(d).eos_token_ids == (7, 11)
+
+
+def test_a_model_too_big_for_this_machine_is_refused_before_allocating(monkeypatch):
+    import moerun.runtime as rt
+    from moerun.options import ModelOptions
+
+    monkeypatch.setattr(rt, "available_bytes", lambda device: 8 * 10**9)  # an 8 GB machine
+    with pytest.raises(ValueError, match=r"seed-30b needs 119\.6 GB for its weights .* but 8\.0 GB is available; "
+                                         r".*bfloat16 needs 59\.8 GB"):
+        rt.Runtime.create(ModelOptions(model="seed-30b", device="cpu"))
