@@ -15,13 +15,22 @@ COMMANDS = {
 }
 
 
+def usage() -> str:
+    lines = ["usage: moerun {" + ",".join(COMMANDS) + "} [options]", "",
+             "commands (moerun COMMAND --help for each one's flags and defaults):"]
+    lines += [f"  {name:14s} {helptext}" for name, (_, helptext) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: moerun {" + ",".join(COMMANDS) + "} [options]\n", file=sys.stderr)
-        for name, (_, helptext) in COMMANDS.items():
-            print(f"  {name:10s} {helptext}", file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv and argv[0] in ("-h", "--help"):  # asked for: stdout, exit 0
+        print(usage())
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        what = f"unknown command {argv[0]!r}" if argv else "no command given"
+        print(f"moerun: error: {what}\n{usage()}", file=sys.stderr)
+        return 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
     return module.main(argv[1:])
 

@@ -63,3 +63,10 @@ def test_recipes_parse():
     p = subprocess.run(["bash", str(LAUNCH / "multi_node.sh"), "generate"], capture_output=True, text=True,
                        env={k: v for k, v in os.environ.items() if k not in ("NNODES", "NODE_RANK", "MASTER_ADDR")})
     assert p.returncode != 0 and "set NNODES" in p.stderr  # a missing setting is named
+
+
+def test_moerun_help_and_unknown_command():
+    p = subprocess.run([sys.executable, "-m", "moerun.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "serve" in p.stdout and "generate" in p.stdout
+    p = subprocess.run([sys.executable, "-m", "moerun.cli", "frob"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "unknown command 'frob'" in p.stderr
