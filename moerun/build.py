@@ -49,7 +49,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device) -> torch.dtype:
 
 
 def build_model(model: str, *, comm: Comm | None = None, layers: range | None = None, dtype=None,
-                device=None, seed: int = 0, cfg: ModelConfig | None = None) -> MoEModel:
+                device=None, seed: int = 0, cfg: ModelConfig | None = None, progress: bool = False) -> MoEModel:
     """The model (or stage ``layers`` of it, sharded by ``comm``) with its weights: read from
     the checkpoint directory ``model``, or drawn from ``seed`` for a preset."""
     cfg = cfg or ModelConfig.load(model)
@@ -58,7 +58,7 @@ def build_model(model: str, *, comm: Comm | None = None, layers: range | None = 
         m = MoEModel(cfg, comm, layers, resolve_dtype(dtype, dev))
     m.requires_grad_(False)
     if Path(model).is_dir():
-        m.load_report = load_checkpoint(m, model)
+        m.load_report = load_checkpoint(m, model, progress)
     else:
         init_random(m, seed)
         m.load_report = None

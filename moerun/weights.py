@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from .config import ModelConfig
 from .model import MoEModel
@@ -79,7 +81,8 @@ def full_model_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {s.name: s.shape for s in full.specs()}
 
 
-def load_checkpoint(model, path: str | Path) -> LoadReport:
+def load_checkpoint(model, path: str | Path, progress: bool = False) -> LoadReport:
+    """Read this rank's slices of every tensor; ``progress`` shows a bar (rank 0, a terminal)."""
     files = checkpoint_files(path)
     expected = full_model_shapes(model.cfg)
     problems = []
@@ -97,8 +100,10 @@ def load_checkpoint(model, path: str | Path) -> LoadReport:
     handles: dict[Path, object] = {}
     bytes_read = 0
     misshaped, wrong_dtype, non_finite = [], [], []
+    bar = tqdm(specs, desc="loading weights", unit="tensor", leave=False,
+               disable=not (progress and sys.stderr.isatty()))
     try:
-        for spec in specs:
+        for spec in bar:
             if spec.name not in files:
                 continue
             fn = files[spec.name]
@@ -121,6 +126,7 @@ def load_checkpoint(model, path: str | Path) -> LoadReport:
             bytes_read += t.numel() * t.element_size()
     finally:
         handles.clear()
+        bar.close()
     if misshaped:
         problems.append(f"mis-shaped tensors ({len(misshaped)}): " + "; ".join(misshaped[:20]))
     if wrong_dtype:
