@@ -59,6 +59,10 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV cache block")
     g.add_argument("--micro-batches", type=int, default=d.micro_batches,
                    help="micro-batches per replica (default: pp)")
+    g.add_argument("--profile", action="store_true",
+                   help="profile every rank: phase times per step, expert load, memory (see moerun.profile)")
+    g.add_argument("--profile-out", metavar="DIR", default=None,
+                   help="write the profile's summary.json and trace.json (Perfetto) here; implies --profile")
 
 
 def add_sampling_args(ap: argparse.ArgumentParser) -> None:
@@ -81,7 +85,8 @@ def parallel_config(args) -> ParallelConfig:
 
 def engine_config(args) -> EngineConfig:
     return EngineConfig(max_batch_tokens=args.max_batch_tokens, kv_cache_gb=args.kv_cache_gb,
-                        block_size=args.block_size, micro_batches=args.micro_batches)
+                        block_size=args.block_size, micro_batches=args.micro_batches,
+                        profile=args.profile or args.profile_out is not None)
 
 
 def sampling_params(args, max_new_tokens: int | None = None) -> SamplingParams:

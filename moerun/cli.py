@@ -12,6 +12,7 @@ COMMANDS = {
     "serve": ("moerun.serve.cli", "serve an OpenAI-compatible HTTP API (one process, or a layout under torchrun)"),
     "layout": ("moerun.layout_cli", "validate a TP x PP x EP x DP layout and print its rank table"),
     "plan": ("moerun.plan.cli", "project a layout on a hardware spec; check claims"),
+    "profile-report": ("moerun.profile_report", "print a profile written by generate --profile-out DIR"),
 }
 
 

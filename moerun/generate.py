@@ -9,6 +9,10 @@ a layout launched by torchrun.
 ``--json`` prints one JSON object per prompt set on stdout: ``{"prompt_ids", "output_ids",
 "text"}`` (a list of them when several prompts are given); logs go to stderr.
 
+``--profile`` profiles every rank (``moerun.profile``); at the end rank 0 gathers the
+ranks' reports and prints the tables of ``moerun profile-report`` on stderr, or with
+``--profile-out DIR`` writes ``DIR/summary.json`` and ``DIR/trace.json`` (Perfetto).
+
 The path: flags -> ``ModelOptions`` / ``ParallelConfig`` / ``EngineConfig`` /
 ``SamplingParams`` (moerun.args) -> ``Runtime`` (mesh + model stage) -> on rank 0 an
 ``Engine`` (schedulers, ticks), on the others ``follow_leader`` -> ``StageWorker`` ->
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -29,6 +34,8 @@ from .engine import Engine, follow_leader
 from .engine.request import check_prompt
 from .entry import run_command
 from .mesh import gather_to_rank0, leader_decides
+from .profile.summary import build_summary, trace_events, write_profile
+from .profile_report import format_report
 from .runtime import Runtime
 from .tokenizer import load_tokenizer
 
@@ -103,6 +110,16 @@ def print_stats(engine: Engine, traces: dict[int, list], seconds: float, tokens:
               f"idle ticks (no tokens) {idle} of {len(rows) // ranks_per_stage} (per rank, averaged)", file=err)
 
 
+def check_out_dir(path: str) -> None:
+    """``--profile-out``: a directory rank 0 can make and write in."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--profile-out {path}: {e}") from e
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"--profile-out {path}: not writable")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     return run_command("moerun generate", lambda: _generate(args))
@@ -128,6 +145,8 @@ def _generate(args) -> int:
                 raise ValueError(f"prompt {i}: {e}") from None
         return prompts
     prompts = leader_decides(rt.mesh, checked_prompts)  # every rank exits alike on a bad prompt
+    if args.profile_out is not None:
+        leader_decides(rt.mesh, lambda: check_out_dir(args.profile_out))  # before the run, not after it
     params = [base_sp if n is None else cli_args.sampling_params(args, n) for _, n in prompts]
     where = f"{par}, {rt.mesh.device.type}" if rt.mesh else str(next(rt.model.parameters()).device)
     log.info("loaded %s (%s, %.1fM params) on %s in %.1fs", opts.model, rt.cfg.model_type,
@@ -135,6 +154,8 @@ def _generate(args) -> int:
     if not rt.is_leader:
         worker = follow_leader(rt.model, ecfg, rt.mesh)
         gather_to_rank0(rt.mesh, {rt.rank: list(worker.trace)})
+        if ecfg.profile:
+            gather_to_rank0(rt.mesh, {rt.rank: worker.profile_report()})
         dist.barrier(group=rt.mesh.ctrl)
         return 0
     engine = Engine(rt.model, ecfg, rt.mesh)
@@ -146,11 +167,28 @@ def _generate(args) -> int:
         traces = gather_to_rank0(rt.mesh, {0: list(engine.worker.trace)})
     else:
         traces = {0: list(engine.worker.trace)}
+    profiles = None
+    if ecfg.profile:
+        mine = {0: engine.worker.profile_report()}
+        profiles = gather_to_rank0(rt.mesh, mine) if rt.mesh else mine
     n = sum(len(o) for o in outputs)
     log.info("generated %d tokens for %d prompt(s) in %.2fs (%.1f tokens/s, measured on %s)",
              n, len(prompts), dt, n / dt if dt else 0.0, where)
     if args.stats:
         print_stats(engine, traces, dt, n)
+    if profiles is not None:
+        workload = {"requests": len(prompts), "prompt_tokens": sum(len(p) for p, _ in prompts), "output_tokens": n}
+        summary = build_summary(profiles, par=rt.par, model=opts.model,
+                                dtype=str(rt.model.dtype).removeprefix("torch."), workload=workload,
+                                wall_s=dt, ticks=engine.tick)
+        ov = summary["profile_overhead"]
+        if args.profile_out is not None:
+            paths = write_profile(args.profile_out, summary, trace_events(profiles))
+            log.info("profile: wrote %s (moerun profile-report %s)", ", ".join(paths), args.profile_out)
+        else:
+            print(format_report(summary), file=sys.stderr)
+        log.info("profiler overhead: %s%% of wall (%s)",
+                 "-" if ov["pct"] is None else f"{ov['pct']:.2f}", ov["method"])
     if args.json:
         res = [{"prompt_ids": p, "output_ids": o, "text": tok.decode(o) if tok else None}
                for (p, _), o in zip(prompts, outputs)]

@@ -40,6 +40,7 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV cache block
     micro_batches: int | None = None  # per DP replica; None: = PP
     num_blocks: int | None = None  # overrides kv_cache_gb (tests)
+    profile: bool = False  # every rank's worker runs a moerun.profile.Profiler (--profile)
 
     def __post_init__(self):
         bad = [f"{k} must be >= 1, got {getattr(self, k)}" for k in ("max_batch_tokens", "block_size")

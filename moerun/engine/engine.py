@@ -58,7 +58,8 @@ def kv_blocks(model, cfg: EngineConfig, mesh=None) -> int:
 
 def stage_worker(model, cfg: EngineConfig, mesh=None) -> StageWorker:
     """This rank's worker with a KV cache of the agreed number of blocks."""
-    return StageWorker(model, KVCache.for_model(model, kv_blocks(model, cfg, mesh), cfg.block_size), mesh)
+    return StageWorker(model, KVCache.for_model(model, kv_blocks(model, cfg, mesh), cfg.block_size), mesh,
+                       profile=cfg.profile)
 
 
 class Engine:
@@ -98,6 +99,7 @@ class Engine:
         req = Request(rid, list(prompt), params, replica=replica)
         self.requests[rid] = req
         self.schedulers[replica].add(req)
+        self.worker.prof.request_added(rid)
         return rid
 
     def abort(self, rid: int) -> None:
@@ -117,19 +119,26 @@ class Engine:
 
     def step(self) -> list[TokenEvent]:
         """One tick."""
+        prof = self.worker.prof
+        prof.step_begin()
         t, mb = self.tick, self.tick % self.cycle
-        plans = tuple(tuple(s.schedule(mb)) if mb < self.M else None for s in self.schedulers)
-        self.peak_blocks_used = max(self.peak_blocks_used, self.blocks_used())
-        finished, self.finished_ids = tuple(self.finished_ids), []
-        if self.mesh is not None:
-            dist.broadcast_object_list([Tick(t, self.cycle, plans, finished)], src=0, group=self.mesh.wake)
+        with prof.phase("schedule"):
+            plans = tuple(tuple(s.schedule(mb)) if mb < self.M else None for s in self.schedulers)
+            self.peak_blocks_used = max(self.peak_blocks_used, self.blocks_used())
+            finished, self.finished_ids = tuple(self.finished_ids), []
+            if self.mesh is not None:
+                dist.broadcast_object_list([Tick(t, self.cycle, plans, finished)], src=0, group=self.mesh.wake)
         self.sent[t] = plans
         sampled = self.worker.run_tick(t, plans[0], self.cycle, finished)
-        if self.mesh is not None:
-            sampled = gather_to_rank0(self.mesh, sampled)
-        self.tick += 1
-        events, self.aborted_events = self.aborted_events, []
-        return events + self._apply(self.sent.pop(t - (self.pp - 1), None), sampled)
+        with prof.phase("schedule"):  # the control plane: tokens back to the leader, and applied
+            if self.mesh is not None:
+                sampled = gather_to_rank0(self.mesh, sampled)
+            self.tick += 1
+            events, self.aborted_events = self.aborted_events, []
+            events = events + self._apply(self.sent.pop(t - (self.pp - 1), None), sampled)
+        prof.request_events(events)
+        prof.step_end()
+        return events
 
     def generate(self, prompts: list[list[int]], params) -> list[list[int]]:
         """Every prompt to the end; the output ids in input order."""
@@ -203,14 +212,20 @@ class Engine:
 def follow_leader(model, cfg: EngineConfig, mesh) -> StageWorker:
     """Every rank but 0: run the leader's ticks until it says stop."""
     worker = stage_worker(model, cfg, mesh)
+    prof = worker.prof
     while True:
-        box = [None]
-        dist.broadcast_object_list(box, src=0, group=mesh.wake)
+        prof.step_begin()
+        with prof.phase("schedule"):  # waiting for the leader's plan
+            box = [None]
+            dist.broadcast_object_list(box, src=0, group=mesh.wake)
         msg = box[0]
         if isinstance(msg, Stop):
             break
         assert isinstance(msg, Tick), f"unexpected control message {type(msg).__name__}"
         out = worker.run_tick(msg.tick, msg.plans[mesh.coord.dp], msg.cycle, msg.finished)
-        gather_to_rank0(mesh, out)
+        with prof.phase("schedule"):
+            gather_to_rank0(mesh, out)
+        prof.step_end()
+    prof.step_end()  # the wait for Stop ran no tick: dropped
     worker.drain()
     return worker

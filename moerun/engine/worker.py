@@ -9,6 +9,11 @@ stage samples (TP rank 0 only) and returns the tokens (with log probabilities fo
 requests that ask). ``trace`` keeps the last ``TRACE_TICKS`` ticks (a ring buffer: a
 server runs for ever); ``clear_trace`` starts a fresh run.
 
+The worker owns the rank's profiler ``prof`` (``moerun.profile``; the do-nothing
+``NULL_PROFILER`` unless built with ``profile=True``): it times the pipeline transfers and
+the sampling here and hands ``prof`` to the model; the tick loops (``Engine.step``,
+``follow_leader``) open and close each step around ``run_tick``.
+
 Shape legend: T = tokens of the step, H = hidden, V = vocab.
 """
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..model import AttnMeta
+from ..profile import NULL_PROFILER, Profiler
 from ..sampling import Sampled, logprobs_of, make_generator, sample
 from .request import SeqStep
 
@@ -28,7 +34,7 @@ TRACE_TICKS = 100_000  # (tick, stage, micro_batch, tokens, busy_s, wait_s) rows
 
 
 class StageWorker:
-    def __init__(self, model, cache, mesh=None):
+    def __init__(self, model, cache, mesh=None, profile: bool = False):
         self.model, self.cache, self.mesh = model, cache, mesh
         self.stage = mesh.coord.pp if mesh else 0
         self.num_stages = mesh.par.pp if mesh else 1
@@ -42,6 +48,9 @@ class StageWorker:
         kill = os.environ.get("MOERUN_TEST_KILL")  # "rank:tick": that rank dies there (tests)
         rank = mesh.rank if mesh else 0
         self.kill_at = int(kill.split(":")[1]) if kill and int(kill.split(":")[0]) == rank else None
+        c = mesh.coord if mesh else None
+        coord = {"pp": c.pp, "dp": c.dp, "tp": c.tp, "ep": c.ep_rank} if c else None
+        self.prof = Profiler(self.device, rank, coord) if profile else NULL_PROFILER
 
     def _recv_for(self, tick: int):
         steps = self.history.get(tick - self.stage)
@@ -62,33 +71,42 @@ class StageWorker:
             self.gens.pop(rid, None)
         self.history[tick] = my_plan
         steps = self.history.pop(tick - self.stage, None)
+        prof = self.prof
         t0 = time.perf_counter()
         wait = 0.0
         out: dict[int, Sampled] = {}
         if steps is not None:  # None: a bubble, the same on every replica
-            x = self._input(tick, steps)
+            with prof.phase("pp_send_recv" if self.stage else "embedding"):  # stage 0 builds the ids
+                x = self._input(tick, steps)
             wait = time.perf_counter() - t0
             t1 = time.perf_counter()
             lens = [len(s.tokens) for s in steps]
-            meta = AttnMeta.build([list(s.blocks) for s in steps], [s.start for s in steps], lens,
-                                  self.cache.block_size, self.device)
+            with prof.phase("attention"):  # the KV cache addressing (slots, block tables) attention reads
+                meta = AttnMeta.build([list(s.blocks) for s in steps], [s.start for s in steps], lens,
+                                      self.cache.block_size, self.device)
             rows = None
             if self.stage == self.num_stages - 1:
-                ends = torch.cumsum(torch.tensor(lens, dtype=torch.long), 0) - 1
-                rows = ends[[i for i, s in enumerate(steps) if s.sample]].to(self.device)
-            y = self.model(x, meta.pos_T, meta, self.cache, logits_rows=rows)
+                with prof.phase("lm_head"):  # the rows whose logits are sampled
+                    ends = torch.cumsum(torch.tensor(lens, dtype=torch.long), 0) - 1
+                    rows = ends[[i for i, s in enumerate(steps) if s.sample]].to(self.device)
+            y = self.model(x, meta.pos_T, meta, self.cache, logits_rows=rows, prof=prof)
             if self.stage < self.num_stages - 1:
                 if y.shape[0]:
-                    self.drain()  # earlier sends were matched by irecvs posted at earlier ticks
-                    self.pending_send.append(dist.isend(y.contiguous(), dst=self.mesh.stage_peer(+1)))
+                    with prof.phase("pp_send_recv"):
+                        self.drain()  # earlier sends were matched by irecvs posted at earlier ticks
+                        self.pending_send.append(dist.isend(y.contiguous(), dst=self.mesh.stage_peer(+1)))
             elif self.is_sampler:
-                out = self._sample(y, [s for s in steps if s.sample])
+                with prof.phase("sampling"):
+                    out = self._sample(y, [s for s in steps if s.sample])
             busy = time.perf_counter() - t1
             self.trace.append((tick, self.stage, (tick - self.stage) % cycle, sum(lens), busy, wait))
+            prof.note_step(tick, sum(lens))
         else:
             self.trace.append((tick, self.stage, None, 0, 0.0, 0.0))
+            prof.note_step(tick, 0)
         if self.mesh is not None and self.stage > 0:
-            self.pending_recv = self._recv_for(tick + 1)
+            with prof.phase("pp_send_recv"):
+                self.pending_recv = self._recv_for(tick + 1)
         return out
 
     def _input(self, tick: int, steps: list[SeqStep]) -> torch.Tensor:
@@ -111,6 +129,11 @@ class StageWorker:
 
     def clear_trace(self) -> None:
         self.trace.clear()
+
+    def profile_report(self) -> dict:
+        """This rank's profile (``Profiler.report``) with its weight and KV cache bytes."""
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return self.prof.report(weights_bytes=weights, kv_cache_bytes=self.cache.bytes())
 
     def drain(self) -> None:
         for w in self.pending_send:

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..comm import Comm
 from ..config import ModelConfig
+from ..profile import NULL_PROFILER
 from ..weights_spec import TensorSpec
 from .layers import FusedLinear, Linear, RMSNorm, apply_rope
 
@@ -97,48 +98,53 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps, dtype)
 
-    def _full_norm_stats(self, replicas: int, full: int):
+    def _full_norm_stats(self, replicas: int, full: int, prof):
         """Sum of squares over the whole (TP-split) projection, counting replicas once."""
         if self.comm.tp_size == 1:
             return None
 
         def total(sq_T1):
-            parts = self.comm.tp_all_gather_last(sq_T1)  # [T, tp]
+            with prof.phase("tp_collective"):
+                parts = self.comm.tp_all_gather_last(sq_T1)  # [T, tp]
             return parts[:, ::replicas].sum(-1, keepdim=True), full
         return total
 
-    def forward(self, x_TH, cos_TD, sin_TD, meta: AttnMeta, cache, layer: int) -> torch.Tensor:
+    def forward(self, x_TH, cos_TD, sin_TD, meta: AttnMeta, cache, layer: int, prof=NULL_PROFILER) -> torch.Tensor:
         """Returns this rank's partial output [T, H]; the caller sums it over TP."""
         cfg, T, D = self.cfg, x_TH.shape[0], self.cfg.head_dim
         if T == 0:  # an idle DP replica still runs the layer for the MoE all-to-alls
             return x_TH.new_zeros(0, cfg.hidden_size)
-        q, k, v = self.qkv_proj(x_TH)
-        if cfg.qk_norm == "full":
-            q = self.q_norm(q, self._full_norm_stats(1, cfg.num_heads * D))
-            k = self.k_norm(k, self._full_norm_stats(self.kv_replicas, cfg.num_kv_heads * D))
-        if cfg.clip_qkv is not None:
-            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
-        q = q.view(T, self.num_heads, D)
-        k = k.view(T, self.num_kv_heads, D)
-        v = v.view(T, self.num_kv_heads, D)
-        if cfg.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos_TD, sin_TD), apply_rope(k, cos_TD, sin_TD)
-        cache.write(layer, meta.slot_T, k, v)
-        k_BLND, v_BLND = cache.read(layer, meta.table_BP, meta.max_len)
-        B = len(meta.lens)
-        if meta.uniform:  # every sequence has max_new new tokens (e.g. all decode): no padding
-            q_pad = q
-        else:
-            q_pad = q.new_zeros(B * meta.max_new, self.num_heads, D)
-            q_pad[meta.pad_index_T] = q
-        out = F.scaled_dot_product_attention(
-            q_pad.view(B, meta.max_new, self.num_heads, D).transpose(1, 2),
-            k_BLND.transpose(1, 2), v_BLND.transpose(1, 2),
-            attn_mask=meta.mask(self.window), enable_gqa=self.num_heads != self.num_kv_heads,
-        )  # [B, N, Nq, D]
-        out = out.transpose(1, 2).reshape(B * meta.max_new, self.num_heads * D)
-        return self.o_proj(out if meta.uniform else out[meta.pad_index_T])
+        with prof.phase("qkv"):
+            q, k, v = self.qkv_proj(x_TH)
+            if cfg.qk_norm == "full":
+                q = self.q_norm(q, self._full_norm_stats(1, cfg.num_heads * D, prof))
+                k = self.k_norm(k, self._full_norm_stats(self.kv_replicas, cfg.num_kv_heads * D, prof))
+            if cfg.clip_qkv is not None:
+                q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+            q = q.view(T, self.num_heads, D)
+            k = k.view(T, self.num_kv_heads, D)
+            v = v.view(T, self.num_kv_heads, D)
+            if cfg.qk_norm == "head":
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, cos_TD, sin_TD), apply_rope(k, cos_TD, sin_TD)
+        with prof.phase("attention"):
+            cache.write(layer, meta.slot_T, k, v)
+            k_BLND, v_BLND = cache.read(layer, meta.table_BP, meta.max_len)
+            prof.note_activation(x_TH, q, k, v, k_BLND, v_BLND)
+            B = len(meta.lens)
+            if meta.uniform:  # every sequence has max_new new tokens (e.g. all decode): no padding
+                q_pad = q
+            else:
+                q_pad = q.new_zeros(B * meta.max_new, self.num_heads, D)
+                q_pad[meta.pad_index_T] = q
+            out = F.scaled_dot_product_attention(
+                q_pad.view(B, meta.max_new, self.num_heads, D).transpose(1, 2),
+                k_BLND.transpose(1, 2), v_BLND.transpose(1, 2),
+                attn_mask=meta.mask(self.window), enable_gqa=self.num_heads != self.num_kv_heads,
+            )  # [B, N, Nq, D]
+            out = out.transpose(1, 2).reshape(B * meta.max_new, self.num_heads * D)
+        with prof.phase("o_proj"):
+            return self.o_proj(out if meta.uniform else out[meta.pad_index_T])
 
     def specs(self, prefix: str) -> list[TensorSpec]:
         s = self.qkv_proj.specs(prefix) + self.o_proj.specs(f"{prefix}.o_proj")

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..comm import Comm
+from ..profile import NULL_PROFILER
 from ..weights_spec import TensorSpec, cols, rows
 
 
@@ -120,13 +121,14 @@ class VocabParallelEmbedding(nn.Module):
         self.part = comm.vocab_rows(vocab_size)
         self.weight = nn.Parameter(torch.empty(len(self.part), hidden, dtype=dtype))
 
-    def forward(self, ids_T: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids_T: torch.Tensor, prof=NULL_PROFILER) -> torch.Tensor:
         if self.comm.tp_size == 1:
             return F.embedding(ids_T, self.weight)
         local = ids_T - self.part.start
         mine = (local >= 0) & (local < len(self.part))
         x_TH = F.embedding(local.clamp(0, max(len(self.part) - 1, 0)), self.weight) * mine[:, None]
-        return self.comm.tp_all_reduce(x_TH)
+        with prof.phase("tp_collective"):
+            return self.comm.tp_all_reduce(x_TH)
 
     def specs(self, name: str) -> list[TensorSpec]:
         return [TensorSpec(name, (self.vocab_size, self.hidden), self.weight, rows(self.part))]
@@ -144,13 +146,16 @@ class LMHead(nn.Module):
         self.weight = tied.weight if tied is not None else nn.Parameter(
             torch.empty(len(self.part), hidden, dtype=dtype))
 
-    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TH: torch.Tensor, prof=NULL_PROFILER) -> torch.Tensor:
         logits = F.linear(x_TH, self.weight)  # [T, V/tp]
+        prof.note_activation(logits)
         if self.comm.tp_size == 1:
             return logits
         per = -(-self.vocab_size // self.comm.tp_size)  # ceil split: pad, gather, cut
         logits = F.pad(logits, (0, per - logits.shape[-1]))
-        return self.comm.tp_all_gather_last(logits)[:, : self.vocab_size]
+        with prof.phase("tp_collective"):
+            logits = self.comm.tp_all_gather_last(logits)
+        return logits[:, : self.vocab_size]
 
     def specs(self, name: str) -> list[TensorSpec]:
         if self.tied:

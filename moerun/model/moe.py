@@ -24,6 +24,7 @@ from torch import nn
 from .. import kernels
 from ..comm import Comm
 from ..config import ModelConfig
+from ..profile import NULL_PROFILER
 from ..weights_spec import TensorSpec
 from .layers import Linear
 
@@ -41,17 +42,18 @@ class DenseMLP(nn.Module):
         self.up_proj = Linear(hidden, ffn, dtype=dtype)
         self.down_proj = Linear(ffn, hidden, dtype=dtype)
 
-    def forward(self, x_tH: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x_tH)) * self.up_proj(x_tH))
+    def forward(self, x_tH: torch.Tensor, prof=NULL_PROFILER) -> torch.Tensor:
+        with prof.phase("dense_mlp"):
+            return self.down_proj(F.silu(self.gate_proj(x_tH)) * self.up_proj(x_tH))
 
     def specs(self, prefix: str) -> list[TensorSpec]:
         return [s for n in ("gate_proj", "up_proj", "down_proj") for s in getattr(self, n).specs(f"{prefix}.{n}")]
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, comm: Comm, dtype=None):
+    def __init__(self, cfg: ModelConfig, comm: Comm, layer: int, dtype=None):
         super().__init__()
-        self.cfg, self.comm = cfg, comm
+        self.cfg, self.comm, self.layer = cfg, comm, layer  # layer: the global index (expert load per layer)
         E, H, Fw = cfg.num_experts, cfg.hidden_size, cfg.moe_ffn
         mine = comm.experts(E)
         self.num_local, self.expert_start = len(mine), mine.start
@@ -65,31 +67,42 @@ class MoE(nn.Module):
         logits_tE = self.gate(x_tH)
         return kernels.topk_softmax(logits_tE, self.cfg.top_k, self.cfg.norm_topk_prob)  # [t, K] f32, int32
 
-    def forward(self, x_tH: torch.Tensor) -> torch.Tensor:
-        weights_tK, ids_tK = self.route(x_tH)
+    def forward(self, x_tH: torch.Tensor, prof=NULL_PROFILER) -> torch.Tensor:
+        with prof.phase("router"):
+            weights_tK, ids_tK = self.route(x_tH)
+        prof.count_experts(self.layer, ids_tK, self.cfg.num_experts)
         if self.comm.ep_size == 1:
-            out = kernels.fused_moe(x_tH, self.w13, self.w2, weights_tK, ids_tK)
+            with prof.phase("experts"):
+                out = kernels.fused_moe(x_tH, self.w13, self.w2, weights_tK, ids_tK)
+            prof.note_activation(x_tH, out)
         else:
-            out = self._expert_parallel(x_tH, weights_tK, ids_tK)
+            out = self._expert_parallel(x_tH, weights_tK, ids_tK, prof)
         if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x_tH)) * self.shared_expert(x_tH)
+            with prof.phase("dense_mlp"):
+                out = out + torch.sigmoid(self.shared_expert_gate(x_tH)) * self.shared_expert(x_tH)
         return out
 
-    def _expert_parallel(self, x_tH, weights_tK, ids_tK) -> torch.Tensor:
+    def _expert_parallel(self, x_tH, weights_tK, ids_tK, prof) -> torch.Tensor:
         """The seam: dispatch token-slots to the EP ranks owning their experts, run the
         local experts on what arrives, send the results back and combine."""
         comm, E = self.comm, self.cfg.num_experts
-        owner_E = kernels.contiguous_expert_ranks(E, comm.ep_size, x_tH.device)
-        send, send_splits, meta = kernels.dispatch(x_tH, ids_tK, weights_tK, owner_E, num_ranks=comm.ep_size)
-        send_splits = [int(n) for n in send_splits]
-        recv_splits = comm.ep_exchange_counts(torch.tensor(send_splits)).tolist()
-        recv_RH = comm.ep_all_to_all(send, send_splits, recv_splits)
-        recv_ids_R = comm.ep_all_to_all(meta.expert_of_row, send_splits, recv_splits)
-        ones_R1 = torch.ones(recv_RH.shape[0], 1, dtype=torch.float32, device=x_tH.device)
-        y_RH = kernels.fused_moe(recv_RH, self.w13, self.w2, ones_R1, recv_ids_R[:, None],
-                           expert_start=self.expert_start, num_local_experts=self.num_local)
-        back = comm.ep_all_to_all(y_RH, recv_splits, send_splits)
-        return kernels.combine(back, meta)
+        with prof.phase("dispatch"):
+            owner_E = kernels.contiguous_expert_ranks(E, comm.ep_size, x_tH.device)
+            send, send_splits, meta = kernels.dispatch(x_tH, ids_tK, weights_tK, owner_E, num_ranks=comm.ep_size)
+            send_splits = [int(n) for n in send_splits]
+        with prof.phase("ep_all_to_all"):
+            recv_splits = comm.ep_exchange_counts(torch.tensor(send_splits)).tolist()
+            recv_RH = comm.ep_all_to_all(send, send_splits, recv_splits)
+            recv_ids_R = comm.ep_all_to_all(meta.expert_of_row, send_splits, recv_splits)
+        with prof.phase("experts"):
+            ones_R1 = torch.ones(recv_RH.shape[0], 1, dtype=torch.float32, device=x_tH.device)
+            y_RH = kernels.fused_moe(recv_RH, self.w13, self.w2, ones_R1, recv_ids_R[:, None],
+                                     expert_start=self.expert_start, num_local_experts=self.num_local)
+        prof.note_activation(x_tH, send, recv_RH, y_RH)
+        with prof.phase("ep_all_to_all"):
+            back = comm.ep_all_to_all(y_RH, recv_splits, send_splits)
+        with prof.phase("combine"):
+            return kernels.combine(back, meta)
 
     def specs(self, prefix: str) -> list[TensorSpec]:
         cfg, Fw, H = self.cfg, self.cfg.moe_ffn, self.cfg.hidden_size

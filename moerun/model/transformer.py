@@ -14,6 +14,7 @@ from torch import nn
 
 from ..comm import Comm
 from ..config import ModelConfig
+from ..profile import NULL_PROFILER
 from ..weights_spec import TensorSpec
 from .attention import Attention, AttnMeta
 from .layers import LMHead, RMSNorm, VocabParallelEmbedding, rope_cos_sin
@@ -27,18 +28,24 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.self_attn = Attention(cfg, comm, layer, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MoE(cfg, comm, dtype) if cfg.moe_layers[layer] else DenseMLP(
+        self.mlp = MoE(cfg, comm, layer, dtype) if cfg.moe_layers[layer] else DenseMLP(
             cfg.hidden_size, cfg.dense_ffn, dtype)
         self.moe_prefix = "block_sparse_moe" if cfg.model_type == "mixtral" else "mlp"
 
-    def forward(self, h_TH, cos, sin, meta: AttnMeta, cache, local_layer: int) -> torch.Tensor:
+    def forward(self, h_TH, cos, sin, meta: AttnMeta, cache, local_layer: int, prof=NULL_PROFILER) -> torch.Tensor:
         T = h_TH.shape[0]
-        a_TH = self.self_attn(self.input_layernorm(h_TH), cos, sin, meta, cache, local_layer)
-        a_tH = self.comm.tp_reduce_scatter_tokens(a_TH)  # sum over TP, keep 1/tp of tokens
+        with prof.phase("norm"):
+            x_TH = self.input_layernorm(h_TH)
+        a_TH = self.self_attn(x_TH, cos, sin, meta, cache, local_layer, prof)
+        with prof.phase("tp_collective"):
+            a_tH = self.comm.tp_reduce_scatter_tokens(a_TH)  # sum over TP, keep 1/tp of tokens
         mine = self.comm.token_rows(T)
-        h_tH = h_TH[mine.start:mine.stop] + a_tH
-        h_tH = h_tH + self.mlp(self.post_attention_layernorm(h_tH))
-        return self.comm.tp_all_gather_tokens(h_tH, T)
+        with prof.phase("norm"):  # residual add + RMSNorm (one fused op in most engines)
+            h_tH = h_TH[mine.start:mine.stop] + a_tH
+            x_tH = self.post_attention_layernorm(h_tH)
+        h_tH = h_tH + self.mlp(x_tH, prof)
+        with prof.phase("tp_collective"):
+            return self.comm.tp_all_gather_tokens(h_tH, T)
 
     def specs(self, prefix: str) -> list[TensorSpec]:
         mlp_prefix = f"{prefix}.{self.moe_prefix if isinstance(self.mlp, MoE) else 'mlp'}"
@@ -68,19 +75,26 @@ class MoEModel(nn.Module):
             self.lm_head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
 
     def forward(self, x, positions_T: torch.Tensor, meta: AttnMeta, cache,
-                logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+                logits_rows: torch.Tensor | None = None, prof=NULL_PROFILER) -> torch.Tensor:
         """``x``: token ids [T] on the first stage, hidden states [T, H] after it.
         Returns hidden states [T, H], or on the last stage logits [R, V] of the rows
-        ``logits_rows`` (all rows when None)."""
-        h = self.embed_tokens(x) if self.is_first else x
-        cos, sin = rope_cos_sin(positions_T, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
+        ``logits_rows`` (all rows when None). ``prof``: the rank's profiler
+        (``moerun.profile``); the default does nothing."""
+        if self.is_first:
+            with prof.phase("embedding"):
+                h = self.embed_tokens(x, prof)
+        else:
+            h = x
+        with prof.phase("qkv"):  # the rotary tables every layer's q and k use
+            cos, sin = rope_cos_sin(positions_T, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
         for j, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, meta, cache, j)
+            h = layer(h, cos, sin, meta, cache, j, prof)
         if not self.is_last:
             return h
-        if logits_rows is not None:
-            h = h[logits_rows]
-        return self.lm_head(self.norm(h)).float()
+        with prof.phase("lm_head"):
+            if logits_rows is not None:
+                h = h[logits_rows]
+            return self.lm_head(self.norm(h), prof).float()
 
     def specs(self) -> list[TensorSpec]:
         s = self.embed_tokens.specs("model.embed_tokens.weight") if self.is_first else []

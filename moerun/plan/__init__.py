@@ -12,8 +12,12 @@ labelled as such), and do a source's performance claims stand up.
 Modules, one owner per fact: ``presets`` (finding and strictly loading the TOML presets),
 ``hardware`` (HardwareSpec), ``strategy`` (Strategy, Workload), ``cost`` (the formulas),
 ``roofline`` (project: per-stage cost, TPOT, TTFT, throughput), ``planner`` (make_plan,
-search), ``claims`` (claims data and verdicts), ``format`` (every printed table) and
-``cli`` (``moerun plan``). Layout rules and shard ranges belong to ``moerun.parallel``,
+search), ``claims`` (claims data and verdicts), ``format`` (every printed table),
+``cli`` (``moerun plan``), ``metrics`` (the six metrics' one definition), and for
+``scripts/bench.py --strategy``: ``substitute`` (the closest valid layout, a measurable
+subset, a narrowed or one-rank model), ``measure`` (a ``moerun generate --profile`` run and
+its summary), ``calibrate`` (the roofline with measured compute) and ``compare`` (the
+claimed / measured / projected table). Layout rules and shard ranges belong to ``moerun.parallel``,
 parameter counts to ``moerun.config.ModelConfig``, dtype sizes to ``moerun.dtypes``.
 """
 from .claims import METRICS, ClaimsFile, check

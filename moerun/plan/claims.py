@@ -11,8 +11,14 @@ command line is ``moerun plan --claims``:
 
     results = check(ClaimsFile.load("seed"), measured={"baseline": {"latency": 131.0}})
 
-A measured-values file is JSON: {"source": "<device, date, command>",
-"values": {"<strategy>": {"<metric>": number, ...}}}, in the units of METRICS.
+A measured-values file is JSON (``scripts/bench.py --json`` writes one):
+    {"source": "<device, date, command>",
+     "values": {"<strategy>": {"<metric>": number, ...}},        # in the units of METRICS
+     "measured_as": {"<strategy>": {"layout": "TP8 EP8 PP1 DP1", "model": "<name>", ...}},
+     "report": {...}}                                            # anything; not read here
+"measured_as" (optional) says what was run for a strategy's values: without it they are
+taken to be of the claim's own layout and model. Each value must lie in its metric's range
+(``Metric.check``): a load balance of 500% is an error, not a verdict.
 
 Verdict rules, applied in this order (the first that applies decides):
 1. "invalid layout": the claim's layout breaks a layout rule on its hardware and GPU count.
@@ -22,7 +28,10 @@ Verdict rules, applied in this order (the first that applies decides):
    projection and any measurement are still shown, under our stated interpretation.
 3. "not measured": no measured value. A projection never makes a claim hold: it is shown,
    with whether it is consistent with the claim, in its own column.
-4. "holds" / "fails": measured vs claimed. Holds when the measurement is no worse than the
+4. "not comparable": the value was measured on another layout or model than the claim's
+   (a substitute for an invalid layout, a subset of a world too large for the machine, a
+   narrowed model), as "measured_as" says. It is shown, never judged against the claim.
+5. "holds" / "fails": measured vs claimed. Holds when the measurement is no worse than the
    claimed figure beyond the file's relative tolerance (lower-is-better: measured <=
    claimed x (1 + tol); higher-is-better: measured >= claimed x (1 - tol)); else fails.
 Projection column "consistent": "yes" when the claimed figure is no better than the
@@ -32,41 +41,62 @@ bound on throughput), so "no" means the claim beats the model's best case.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from ..config import ModelConfig
 from .hardware import HardwareSpec
+from .metrics import METRIC_UNITS
 from .planner import PlanReport, make_plan
 from .presets import from_table, load_toml, resolve_preset
 from .strategy import Strategy
 
-VERDICTS = ("holds", "fails", "invalid layout", "not measured", "ambiguous")
+VERDICTS = ("holds", "fails", "invalid layout", "not measured", "not comparable", "ambiguous")
 
 
 @dataclass(frozen=True)
 class Metric:
-    unit: str
-    better: str  # "lower" | "higher"
+    name: str
     meaning: str  # what moerun projects / a benchmark must measure
     projected: Callable[[PlanReport], float]
+    low: float = 0.0  # smallest value that can be measured
+    high: float = math.inf  # largest
+    low_open: bool = True  # low itself is impossible (a latency of 0 ms)
+    unit: str = field(init=False)
+    better: str = field(init=False)  # "lower" | "higher"
+
+    def __post_init__(self):
+        unit, better = METRIC_UNITS[self.name]  # moerun.plan.metrics owns units and direction
+        object.__setattr__(self, "unit", unit)
+        object.__setattr__(self, "better", better)
+
+    def check(self, value) -> str:
+        """Why ``value`` cannot be a measurement of this metric ("" = it can)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"{self.name} = {value!r} is not a finite number"
+        if value < self.low or (self.low_open and value == self.low) or value > self.high:
+            lo = "(" if self.low_open else "["
+            hi = f"{self.high:g}]" if math.isfinite(self.high) else "inf)"
+            return f"{self.name} = {value:g} {self.unit} is outside its range {lo}{self.low:g}, {hi}"
+        return ""
 
 
-METRICS = {
-    "latency": Metric("ms", "lower", "decode time per output token (TPOT) of the workload",
-                      lambda r: r.projection.tpot_s * 1e3),
-    "throughput": Metric("tok/s", "higher", "decode output tokens/s of all replicas",
-                         lambda r: r.projection.tokens_per_s_total),
-    "comm_overhead": Metric("%", "lower", "communication time / compute-or-memory time (decode)",
-                            lambda r: r.projection.comm_overhead * 100),
-    "load_balance": Metric("%", "higher", "mean / max token-expert assignments per expert-rank",
-                           lambda r: r.projection.load_balance * 100),
-    "gpu_utilization": Metric("%", "higher", "share of time in compute or memory work (decode)",
-                              lambda r: r.projection.busy_fraction * 100),
-    "memory_per_gpu": Metric("GB", "lower", "weights + the workload's KV cache, largest rank",
-                             lambda r: r.memory_per_gpu_bytes / 1e9),
-}
+METRICS = {m.name: m for m in (
+    Metric("latency", "decode time per output token (TPOT) of the workload",
+           lambda r: r.projection.tpot_s * 1e3),
+    Metric("throughput", "decode output tokens/s of all replicas",
+           lambda r: r.projection.tokens_per_s_total),
+    Metric("comm_overhead", "communication time / compute-or-memory time (decode)",
+           lambda r: r.projection.comm_overhead * 100, low_open=False),
+    Metric("load_balance", "mean / max token-expert assignments per expert-rank",
+           lambda r: r.projection.load_balance * 100, high=100.0),
+    Metric("gpu_utilization", "share of time in compute or memory work (decode)",
+           lambda r: r.projection.busy_fraction * 100, high=100.0, low_open=False),
+    Metric("memory_per_gpu", "weights + the workload's KV cache, largest rank",
+           lambda r: r.memory_per_gpu_bytes / 1e9),
+)}
 
 
 @dataclass(frozen=True)
@@ -133,27 +163,56 @@ def no_worse(value: float, reference: float, better: str, tol: float) -> bool:
 
 
 def verdict(invalid: list[str], ambiguous: str, measured: float | None, claimed: float,
-            better: str, tol: float) -> tuple[str, str]:
-    """(verdict, reason) by the rules in the module docstring."""
+            better: str, tol: float, elsewhere: str = "") -> tuple[str, str]:
+    """(verdict, reason) by the rules in the module docstring; ``elsewhere`` says what other
+    layout or model the value was measured on ("" = the claim's own)."""
     if invalid:
         return "invalid layout", "; ".join(invalid)
     if ambiguous:
         return "ambiguous", ambiguous
     if measured is None:
         return "not measured", "no measured value given"
+    if elsewhere:
+        return "not comparable", f"measured {measured:g} on {elsewhere}; shown, not judged against the claim"
     ok = no_worse(measured, claimed, better, tol)
     side = "at most" if better == "lower" else "at least"
     return ("holds" if ok else "fails"), f"measured {measured:g} vs claimed {claimed:g} ({better} is better; " \
         f"holds if {side} claimed within {tol:.0%})"
 
 
-def check(cf: ClaimsFile, measured: dict[str, dict[str, float]] | None = None) -> list[ClaimResult]:
-    measured = measured or {}
-    for strat, values in measured.items():
-        bad = [m for m in values if m not in METRICS]
-        if bad:
-            raise ValueError(f"measured values for {strat!r}: unknown metric(s) {', '.join(bad)}; "
-                             f"metrics: {', '.join(METRICS)}")
+def check_measured(values: dict, where: str = "measured values") -> None:
+    """ValueError naming every unknown metric and every value outside its metric's range."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected {{strategy: {{metric: number}}}}, got {type(values).__name__}")
+    bad = []
+    for strat, vals in values.items():
+        if not isinstance(vals, dict):
+            bad.append(f"{strat!r}: expected {{metric: number}}, got {vals!r}")
+            continue
+        unknown = [m for m in vals if m not in METRICS]
+        if unknown:
+            bad.append(f"{strat!r}: unknown metric(s) {', '.join(unknown)}; metrics: {', '.join(METRICS)}")
+        bad += [f"{strat!r}: {why}" for m, v in vals.items() if m in METRICS and (why := METRICS[m].check(v))]
+    if bad:
+        raise ValueError(f"{where}: " + "; ".join(bad))
+
+
+def measured_elsewhere(claim_layout: str, claim_model: str, measured_as: dict | None) -> str:
+    """What the measurement ran on, when that is not the claim's layout and model ("" = it is)."""
+    if not measured_as:
+        return ""
+    layout, model = measured_as.get("layout", claim_layout), measured_as.get("model", claim_model)
+    if layout == claim_layout and model == claim_model:
+        return ""
+    return f"{layout} of model {model} (the claim is about {claim_layout} of {claim_model})"
+
+
+def check(cf: ClaimsFile, measured: dict[str, dict[str, float]] | None = None,
+          measured_as: dict[str, dict] | None = None) -> list[ClaimResult]:
+    """One ClaimResult per claim. ``measured_as[strategy]`` ({"layout", "model", ...}) says
+    what a strategy's values were measured on (absent: the claim's own layout and model)."""
+    measured, measured_as = measured or {}, measured_as or {}
+    check_measured(measured)
     plans: dict[tuple, PlanReport] = {}
     out = []
     for c in cf.claims:
@@ -169,18 +228,35 @@ def check(cf: ClaimsFile, measured: dict[str, dict[str, float]] | None = None) -
         consistent = "n/a" if proj is None else ("yes" if no_worse(proj, c.claimed, m.better, cf.tolerance)
                                                  else "no")
         meas = measured.get(c.strategy, {}).get(c.metric)
-        v, reason = verdict(list(rep.errors), c.ambiguous, meas, c.claimed, m.better, cf.tolerance)
+        elsewhere = measured_elsewhere(str(strat.layout), key[1], measured_as.get(c.strategy))
+        v, reason = verdict(list(rep.errors), c.ambiguous, meas, c.claimed, m.better, cf.tolerance, elsewhere)
         out.append(ClaimResult(c, str(strat.layout), key[2], key[3], m.unit, m.meaning, proj,
                                rep.label, consistent, meas, v, reason, strat.workload.describe()))
     return out
 
 
-def load_measured(path: str | Path) -> tuple[dict[str, dict[str, float]], str]:
-    """(values, source) of a measured-values file (format in the module docstring)."""
+@dataclass(frozen=True)
+class MeasuredFile:
+    values: dict[str, dict[str, float]]
+    source: str
+    measured_as: dict[str, dict]
+
+
+MEASURED_KEYS = ("source", "values", "measured_as", "report")
+
+
+def load_measured(path: str | Path) -> MeasuredFile:
+    """A measured-values file (format in the module docstring), every value range-checked."""
     with open(path) as f:
         raw = json.load(f)
-    unknown = sorted(set(raw) - {"source", "values"})
-    if unknown or not isinstance(raw.get("values"), dict):
-        raise ValueError(f"{path}: expected {{\"source\": str, \"values\": {{strategy: {{metric: number}}}}}}"
+    unknown = sorted(set(raw) - set(MEASURED_KEYS)) if isinstance(raw, dict) else []
+    if not isinstance(raw, dict) or unknown or not isinstance(raw.get("values"), dict):
+        raise ValueError(f"{path}: expected {{\"source\": str, \"values\": {{strategy: {{metric: number}}}}, "
+                         f"\"measured_as\": {{strategy: {{\"layout\", \"model\", ...}}}} (optional), "
+                         f"\"report\": {{...}} (optional)}}"
                          + (f"; unknown key(s) {', '.join(unknown)}" if unknown else ""))
-    return raw["values"], str(raw.get("source", path))
+    check_measured(raw["values"], where=str(path))
+    measured_as = raw.get("measured_as", {})
+    if not isinstance(measured_as, dict) or not all(isinstance(v, dict) for v in measured_as.values()):
+        raise ValueError(f"{path}: \"measured_as\" must be {{strategy: {{\"layout\": str, \"model\": str, ...}}}}")
+    return MeasuredFile(raw["values"], str(raw.get("source", path)), measured_as)

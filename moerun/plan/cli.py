@@ -82,14 +82,15 @@ def resolve(args) -> tuple[ModelConfig, HardwareSpec, int, ParallelConfig, Workl
 def claims_main(args) -> int:
     """Check a claims file and print its table (or, with --json, one object)."""
     cf = ClaimsFile.load(args.claims)
-    measured, source = load_measured(args.measured) if args.measured else ({}, "")
-    results = check(cf, measured)
+    mf = load_measured(args.measured) if args.measured else None
+    source = mf.source if mf else ""
+    results = check(cf, mf.values, mf.measured_as) if mf else check(cf)
     if args.json:
         print(json.dumps({"name": cf.name, "source": cf.source, "tolerance": cf.tolerance,
-                          "measured_source": source or None,
+                          "measured_source": source or None, "measured_as": mf.measured_as if mf else {},
                           "results": [dataclasses.asdict(r) for r in results]}, indent=1))
     else:
-        print(format_claims(cf, results, source))
+        print(format_claims(cf, results, source, mf.measured_as if mf else None))
     return 0
 
 

@@ -2,7 +2,7 @@
 
     print(format_plan(make_plan(...)))
     print(format_search(search(...), top=10, model=model, hw=hw, gpus=16, workload=workload))
-    print(format_claims(cf, check(cf, measured), measured_source))
+    print(format_claims(cf, check(cf, measured, measured_as), measured_source, measured_as))
 
 Every table goes through ``table`` (one column layout for all of them). Every projected
 figure sits under a heading "projected (roofline on <hardware>)": none of them is a
@@ -159,7 +159,10 @@ def _num(x: float | None, unit: str) -> str:
     return f"{x:,.0f} {unit}" if abs(x) >= 1000 else f"{x:.4g} {unit}"
 
 
-def format_claims(cf: ClaimsFile, results: list[ClaimResult], measured_source: str = "") -> str:
+def format_claims(cf: ClaimsFile, results: list[ClaimResult], measured_source: str = "",
+                  measured_as: dict[str, dict] | None = None) -> str:
+    """The claims table; ``measured_as`` (strategy -> {"layout", "model", "label", ...}) says
+    what each strategy's measured values were measured on."""
     hws = sorted({r.hardware for r in results})
     label = f"projected (roofline on {hws[0]})" if len(hws) == 1 else "projected (roofline, row's hardware)"
     rows, notes = [], {}  # reason text -> footnote number (shared reasons print once)
@@ -174,6 +177,8 @@ def format_claims(cf: ClaimsFile, results: list[ClaimResult], measured_source: s
     lines = [f"claims {cf.name} ({cf.source}); model {cf.model}, hardware {', '.join(hws)}; "
              f"tolerance {cf.tolerance:.0%}",
              f"measured: {measured_source or 'nothing measured yet'}"]
+    lines += [f"measured {name} as: " + (info.get("label") or f"{info.get('layout')} of {info.get('model')}")
+              for name, info in sorted((measured_as or {}).items())]
     lines += [f"workload of {name}: {w}" for name, w in
               sorted({(r.claim.strategy, r.workload) for r in results})]
     lines += [f"hardware {h} ambiguous: {a}" for h in hws for a in HardwareSpec.load(h).ambiguous]

@@ -78,6 +78,9 @@ def check_server_flags(args) -> None:
         raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
     if args.max_model_len is not None and args.max_model_len < 2:
         raise ValueError(f"--max-model-len must be >= 2, got {args.max_model_len}")
+    if args.profile or args.profile_out is not None:  # the engine flags' group has them; serve writes none yet
+        raise ValueError("moerun serve does not write a profile: profile a workload with "
+                         "moerun generate --profile-out DIR")
 
 
 def _serve(args) -> int:
