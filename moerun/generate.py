@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 
@@ -34,7 +33,7 @@ from .engine import Engine, follow_leader
 from .engine.request import check_prompt
 from .entry import run_command
 from .mesh import gather_to_rank0, leader_decides
-from .profile.summary import build_summary, trace_events, write_profile
+from .profile.summary import build_summary, check_out_dir, trace_events, write_profile
 from .profile_report import format_report
 from .runtime import Runtime
 from .tokenizer import load_tokenizer
@@ -108,16 +107,6 @@ def print_stats(engine: Engine, traces: dict[int, list], seconds: float, tokens:
         idle = sum(1 for r in rows if r[0] is None or r[3] == 0) // ranks_per_stage
         print(f"[stats] stage {stage}: compute {busy:.3f}s, waiting for input {wait:.3f}s, "
               f"idle ticks (no tokens) {idle} of {len(rows) // ranks_per_stage} (per rank, averaged)", file=err)
-
-
-def check_out_dir(path: str) -> None:
-    """``--profile-out``: a directory rank 0 can make and write in."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--profile-out {path}: {e}") from e
-    if not os.access(path, os.W_OK):
-        raise ValueError(f"--profile-out {path}: not writable")
 
 
 def main(argv: list[str] | None = None) -> int:

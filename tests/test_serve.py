@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -281,11 +280,14 @@ def test_layout_server_equals_one_process(checkpoint, offline):
         s.stop()
 
 
-def test_sigterm_drains_every_rank_and_a_dead_rank_fails_fast(checkpoint):
-    s = Server(["--model", checkpoint, "--pp", 2, "--timeout", 30], direct_ranks=2)
+def test_sigterm_drains_every_rank_and_a_dead_rank_fails_fast(checkpoint, tmp_path):
+    s = Server(["--model", checkpoint, "--pp", 2, "--timeout", 30, "--profile-out", tmp_path / "prof"],
+               direct_ranks=2)
     r = s.client.completions.create(model=str(checkpoint), prompt=[3, 4], max_tokens=3, temperature=0)
     assert r.usage.completion_tokens == 3
     assert s.stop() == [0, 0]  # SIGTERM to every rank, as torchrun forwards it
+    summary = json.loads((tmp_path / "prof" / "summary.json").read_text())  # both ranks' profile, after the drain
+    assert sorted(summary["phases_s"]) == ["0", "1"] and summary["workload"]["output_tokens"] == 3
 
     s = Server(["--model", checkpoint, "--pp", 2, "--timeout", 30], direct_ranks=2,
                env={"MOERUN_TEST_KILL": "1:40"})  # rank 1 dies at tick 40

@@ -25,7 +25,7 @@ from ..kvcache import KVCache
 from ..mesh import gather_to_rank0
 from ..options import EngineConfig, SamplingParams
 from .messages import Stop, Tick
-from .request import Request, Status, TokenEvent, check_prompt
+from .request import Request, TokenEvent, check_prompt
 from .scheduler import Scheduler
 from .worker import StageWorker
 

@@ -89,6 +89,16 @@ def overhead(reports: dict) -> dict:
     return {"method": OVERHEAD_METHOD, "pct": max(pcts) if pcts else None}
 
 
+def check_out_dir(path: str) -> None:
+    """``--profile-out``: a directory rank 0 can make and write in."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--profile-out {path}: {e}") from e
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"--profile-out {path}: not writable")
+
+
 def build_summary(reports: dict, *, par: ParallelConfig, model: str, dtype: str, workload: dict,
                   wall_s: float, ticks: int) -> dict:
     """``reports``: rank -> ``Profiler.report()``; rank 0 is the leader (request timings).

@@ -31,6 +31,9 @@ from ..build import resolve_device, resolve_dtype
 from ..config import ModelConfig
 from ..engine import Engine, follow_leader
 from ..entry import run_command, setup_logging
+from ..mesh import gather_to_rank0
+from ..profile.summary import build_summary, check_out_dir, trace_events, write_profile
+from ..profile_report import format_report
 from ..runtime import Runtime, launched_world
 from ..tokenizer import load_tokenizer
 from .app import ServerSettings, ServerState, build_app
@@ -78,20 +81,21 @@ def check_server_flags(args) -> None:
         raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
     if args.max_model_len is not None and args.max_model_len < 2:
         raise ValueError(f"--max-model-len must be >= 2, got {args.max_model_len}")
-    if args.profile or args.profile_out is not None:  # the engine flags' group has them; serve writes none yet
-        raise ValueError("moerun serve does not write a profile: profile a workload with "
-                         "moerun generate --profile-out DIR")
 
 
 def _serve(args) -> int:
     opts, par, ecfg = cli_args.model_options(args), cli_args.parallel_config(args), cli_args.engine_config(args)
     check_server_flags(args)
+    if args.profile_out is not None and launched_world()[0] == 0:
+        check_out_dir(args.profile_out)  # before loading, not at the end of a long run
     rank, _ = launched_world()
     if rank != 0:  # followers: the leader decides when to stop
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)
         rt = Runtime.create(opts, par, args.timeout)
-        follow_leader(rt.model, ecfg, rt.mesh)
+        worker = follow_leader(rt.model, ecfg, rt.mesh)
+        if ecfg.profile:  # the leader gathers every rank's profile after the drain
+            gather_to_rank0(rt.mesh, {rt.rank: worker.profile_report()})
         return 0
     device = resolve_device(opts.device)
     http = HttpSpec(served_model_name=args.served_model_name or opts.model, max_waiting=args.max_waiting,
@@ -148,16 +152,28 @@ def _lead(args, opts, par, ecfg, conn, proc) -> int:
     log.info("serving %s (%s, %s) on http://%s:%d in %.1fs; max model len %d",
              args.served_model_name or opts.model, rt.cfg.model_type, par, args.host, port,
              time.perf_counter() - t0, max_len)
+    t_serve = time.perf_counter()
     loop.run()
     log.info("drained: stopping")
     engine.shutdown()
+    if ecfg.profile:
+        write_server_profile(args, opts, rt, engine, loop, time.perf_counter() - t_serve)
     return 0
 
 
-# The HTTP process yields the CPU to the engine's compute threads when both want it: on
-# a machine whose cores the engine fills (a CPU run), HTTP work then fills the engine's gaps
-# instead of stretching its steps. Measured in docs/perf.md.
-HTTP_NICE = 5
+def write_server_profile(args, opts, rt, engine, loop: EngineLoop, wall_s: float) -> None:
+    """Every rank's profile of the whole serving run, gathered after the drain: the
+    summary and trace under --profile-out, else the report on stderr."""
+    mine = {0: engine.worker.profile_report()}
+    reports = gather_to_rank0(rt.mesh, mine) if rt.mesh else mine
+    workload = {"requests": loop.num_requests, "prompt_tokens": loop.prompt_tokens, "output_tokens": loop.output_tokens}
+    summary = build_summary(reports, par=rt.par, model=opts.model, dtype=str(rt.model.dtype).removeprefix("torch."),
+                            workload=workload, wall_s=wall_s, ticks=engine.tick)
+    if args.profile_out is not None:
+        paths = write_profile(args.profile_out, summary, trace_events(reports))
+        log.info("profile: wrote %s (moerun profile-report %s)", ", ".join(paths), args.profile_out)
+    else:
+        print(format_report(summary), file=sys.stderr)
 
 
 @dataclass(frozen=True)
@@ -177,7 +193,6 @@ def http_main(conn, spec: HttpSpec) -> None:
     (the engine process drains and tells it) and exits when the pipe to the engine closes."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
-    os.nice(HTTP_NICE)
     setup_logging()
     metrics = ServerMetrics(spec.served_model_name, **spec.layout)
     state = ServerState(ServerSettings(spec.served_model_name, spec.max_waiting, spec.api_key), metrics)

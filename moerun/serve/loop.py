@@ -66,6 +66,7 @@ class EngineLoop:
         self.draining = False
         self.drain_deadline = 0.0
         self.http_gone = False
+        self.num_requests = self.prompt_tokens = self.output_tokens = 0  # served, for the profile
         self.send_lock = threading.Lock()
         threading.Thread(target=self._read, name="from-http", daemon=True).start()
 
@@ -128,6 +129,7 @@ class EngineLoop:
                         hid = self.live.get(ev.req_id)
                         if hid is None:
                             continue
+                        self.output_tokens += ev.token is not None
                         if ev.finished:
                             del self.live[ev.req_id]
                             self.req_of.pop(hid, None)
@@ -152,6 +154,8 @@ class EngineLoop:
                 out.append((hid, Failed(400, str(e))))
                 return
             self.live[rid], self.req_of[hid] = hid, rid
+            self.num_requests += 1
+            self.prompt_tokens += len(prompt)
             out.append((hid, Accepted(rid)))
         elif kind == "abort":
             rid = self.req_of.pop(msg[1], None)
