@@ -32,7 +32,7 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=RUN_DTYPES, default=None,
                    help="weights and activations (default: float32 on CPU, bfloat16 on GPU)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    g.add_argument("--seed", type=int, default=0, help="seed for a preset's random weights and for sampling")
+    g.add_argument("--weights-seed", type=int, default=0, help="seed of a preset's random weights")
     g.add_argument("--kernels", choices=KERNEL_IMPLS, default="auto",
                    help="auto = Triton on CUDA, PyTorch references on CPU")
 
@@ -72,10 +72,14 @@ def add_sampling_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's EOS token")
+    g.add_argument("--seed", type=int, default=None,
+                   help="sampling seed of every request (default: a fresh random seed per request)")
+    g.add_argument("--stop", action="append", default=[],
+                   help="stop at this text, which is left out of the output (repeatable)")
 
 
 def model_options(args) -> ModelOptions:
-    return ModelOptions(model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
+    return ModelOptions(model=args.model, dtype=args.dtype, device=args.device, weights_seed=args.weights_seed,
                         kernels=args.kernels)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -36,6 +37,7 @@ from .mesh import gather_to_rank0, leader_decides
 from .profile.summary import build_summary, check_out_dir, trace_events, write_profile
 from .profile_report import format_report
 from .runtime import Runtime
+from .serve.detok import TextStream
 from .tokenizer import load_tokenizer
 
 log = logging.getLogger("moerun")
@@ -58,6 +60,35 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+PROMPT_KEYS = ("prompt_ids", "prompt", "max_new_tokens")  # a prompts file line's keys
+
+
+def _prompt_record(rec, where: str, tok) -> Prompt:
+    """One line of a prompts file: {"prompt_ids": [...] | "prompt": "text", "max_new_tokens": n}."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    unknown = sorted(set(rec) - set(PROMPT_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; a line takes {', '.join(PROMPT_KEYS)} "
+                         "(sampling is set for all prompts by the command line)")
+    if ("prompt_ids" in rec) == ("prompt" in rec):
+        raise ValueError(f"{where}: give exactly one of prompt_ids (token ids) and prompt (text)")
+    if "prompt_ids" in rec:
+        ids = rec["prompt_ids"]
+        if not isinstance(ids, list) or not all(type(t) is int for t in ids):
+            raise ValueError(f"{where}: prompt_ids must be a list of integer token ids, got {json.dumps(ids)[:60]}")
+    else:
+        if not isinstance(rec["prompt"], str):
+            raise ValueError(f"{where}: prompt must be text, got {json.dumps(rec['prompt'])[:60]}")
+        if tok is None:
+            raise ValueError(f"{where}: this checkpoint has no tokenizer.json: give prompt_ids instead of prompt")
+        ids = tok.encode(rec["prompt"])
+    n = rec.get("max_new_tokens")
+    if n is not None and (type(n) is not int or n < 1):
+        raise ValueError(f"{where}: max_new_tokens must be an integer >= 1, got {json.dumps(n)}")
+    return ids, n
+
+
 def read_prompts(prompt: list[str] | None, prompt_ids: list[str] | None, prompts_file: str | None,
                  tok) -> list[Prompt]:
     """(prompt ids, max_new_tokens override) for every prompt given."""
@@ -73,10 +104,12 @@ def read_prompts(prompt: list[str] | None, prompt_ids: list[str] | None, prompts
                     continue
                 try:
                     rec = json.loads(line)
-                    out.append(([int(t) for t in rec["prompt_ids"]], rec.get("max_new_tokens")))
-                except (ValueError, KeyError, TypeError) as e:
-                    raise ValueError(f"{prompts_file}:{n}: expected "
-                                     f'{{"prompt_ids": [...], "max_new_tokens": n}}, got {line.strip()[:80]!r}') from e
+                except ValueError:
+                    raise ValueError(f"{prompts_file}:{n}: not JSON: expected "
+                                     f'{{"prompt_ids": [...], "max_new_tokens": n}}, got {line.strip()[:80]!r}') from None
+                out.append(_prompt_record(rec, f"{prompts_file}:{n}", tok))
+        if not out:
+            raise ValueError(f"{prompts_file} holds no prompt")
         return out
     if prompt_ids:
         try:
@@ -86,6 +119,26 @@ def read_prompts(prompt: list[str] | None, prompt_ids: list[str] | None, prompts
     if tok is None:
         raise ValueError("this checkpoint has no tokenizer.json: pass --prompt-ids instead of --prompt")
     return [(tok.encode(t), None) for t in (prompt or ["Hello, moerun!"])]
+
+
+def generate_with_stops(engine: Engine, prompts: list[list[int]], params: list, tok, stops: list[str]):
+    """Every prompt to the end, each cut at the first of ``stops`` in its text (the stop
+    text left out, the request aborted there). Returns (output ids, texts) in input order."""
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    outs = {rid: [] for rid in ids}
+    # no prompt context: the text is decode(output ids), as without --stop
+    texts = {rid: TextStream(tok, stops) for rid in ids}
+    while engine.has_unfinished():
+        for ev in engine.step():
+            ts = texts[ev.req_id]
+            if ev.token is not None and not ts.stopped:
+                outs[ev.req_id].append(ev.token)
+                ts.add(ev.token)
+                if ts.stopped:
+                    engine.abort(ev.req_id)
+            if ev.finished and not ts.stopped:
+                ts.finish()
+    return [outs[r] for r in ids], [texts[r].text for r in ids]
 
 
 def print_stats(engine: Engine, traces: dict[int, list], seconds: float, tokens: int) -> None:
@@ -121,9 +174,13 @@ def _generate(args) -> int:
     ecfg, base_sp = cli_args.engine_config(args), cli_args.sampling_params(args)
     if args.timeout <= 0:
         raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    if any(not s for s in args.stop):
+        raise ValueError("--stop takes a non-empty text")
     t0 = time.perf_counter()
     rt = Runtime.create(opts, par, args.timeout)
-    tok = load_tokenizer(opts.model, rt.cfg)
+    tok = load_tokenizer(opts.model, rt.cfg, required=bool(args.prompt) or bool(args.stop))
+    if args.stop and tok is None:
+        raise ValueError("--stop needs a tokenizer and this checkpoint has no tokenizer.json")
 
     def checked_prompts() -> list[Prompt]:
         prompts = read_prompts(args.prompt, args.prompt_ids, args.prompts_file, tok)
@@ -149,7 +206,11 @@ def _generate(args) -> int:
         return 0
     engine = Engine(rt.model, ecfg, rt.mesh)
     t0 = time.perf_counter()
-    outputs = engine.generate([p for p, _ in prompts], params)
+    texts = None
+    if args.stop:
+        outputs, texts = generate_with_stops(engine, [p for p, _ in prompts], params, tok, args.stop)
+    else:
+        outputs = engine.generate([p for p, _ in prompts], params)
     dt = time.perf_counter() - t0
     if rt.mesh:
         engine.shutdown()
@@ -178,13 +239,17 @@ def _generate(args) -> int:
             print(format_report(summary), file=sys.stderr)
         log.info("profiler overhead: %s%% of wall (%s)",
                  "-" if ov["pct"] is None else f"{ov['pct']:.2f}", ov["method"])
+    texts = texts or [tok.decode(o) if tok else None for o in outputs]
     if args.json:
-        res = [{"prompt_ids": p, "output_ids": o, "text": tok.decode(o) if tok else None}
-               for (p, _), o in zip(prompts, outputs)]
+        res = [{"prompt_ids": p, "output_ids": o, "text": t} for (p, _), o, t in zip(prompts, outputs, texts)]
         print(json.dumps(res[0] if len(res) == 1 else res), flush=True)
     else:
-        for o in outputs:
-            print(tok.decode(o) if tok else " ".join(map(str, o)), flush=True)
+        if not os.path.isdir(opts.model):
+            print(f"# {opts.model} is a preset with random weights (--weights-seed {opts.weights_seed}): "
+                  "its text is noise; point --model at a checkpoint for a real model", flush=True)
+        for (p, _), o, t in zip(prompts, outputs, texts):
+            print(f"prompt ids {p}" + (f"  text {tok.decode(p)!r}" if tok else ""), flush=True)
+            print(f"output ids {o}" + (f"  text {t!r}" if t is not None else ""), flush=True)
     if rt.mesh:
         dist.barrier(group=rt.mesh.ctrl)
     return 0

@@ -2,7 +2,7 @@
 and how one request samples. Frozen dataclasses, no torch, so the command lines
 (``moerun.args``), the planner and the tests build them without loading anything.
 
-    opts = ModelOptions(model="tiny", dtype=None, device=None, seed=0, kernels="auto")
+    opts = ModelOptions(model="tiny", dtype=None, device=None, weights_seed=0, kernels="auto")
     ecfg = EngineConfig(max_batch_tokens=2048, block_size=16)
     sp = SamplingParams(max_new_tokens=32, temperature=0.8, top_p=0.9, seed=7, logprobs=5)
 
@@ -23,7 +23,7 @@ class ModelOptions:
     model: str = "tiny"  # checkpoint directory or preset name
     dtype: str | None = None  # a name of moerun.dtypes.RUN_DTYPES; None: float32 on CPU, bfloat16 on GPU
     device: str | None = None  # "cpu" | "cuda" | "cuda:N"; None: cuda when available
-    seed: int = 0  # a preset's random weights
+    weights_seed: int = 0  # a preset's random weights (sampling has its own, per request)
     kernels: str = "auto"  # auto = Triton on CUDA tensors, the PyTorch references on CPU
 
     def __post_init__(self):

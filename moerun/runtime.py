@@ -94,12 +94,12 @@ class Runtime:
         device = resolve_device(opts.device)
         check_memory(cfg, par, rank, resolve_dtype(opts.dtype, device), device)
         if world == 1:
-            model = build_model(opts.model, dtype=opts.dtype, device=opts.device, seed=opts.seed, cfg=cfg,
+            model = build_model(opts.model, dtype=opts.dtype, device=opts.device, seed=opts.weights_seed, cfg=cfg,
                                 progress=True)
             return Runtime(model, cfg, None)
         mesh = Mesh.create(par, timeout_s, str(resolve_device(opts.device)))
         model = build_model(opts.model, comm=DistComm(mesh), layers=mesh.layers(cfg), dtype=opts.dtype,
-                            device=mesh.device, seed=opts.seed, cfg=cfg, progress=rank == 0)
+                            device=mesh.device, seed=opts.weights_seed, cfg=cfg, progress=rank == 0)
         return Runtime(model, cfg, mesh)
 
     @property

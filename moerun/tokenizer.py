@@ -17,6 +17,7 @@ Both share one small interface (what the generate CLI and the HTTP server use):
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -133,14 +134,22 @@ class HFTokenizer:
         return self.tok.decode([i], skip_special_tokens=False).encode()
 
 
-def load_tokenizer(model: str, cfg):
-    """The checkpoint's tokenizer, bytes for a preset, or None (ids only)."""
+def load_tokenizer(model: str, cfg, required: bool = True):
+    """The checkpoint's tokenizer, bytes for a preset, or None (ids only). A tokenizer.json
+    that cannot be read is an error when text must be encoded (``required``); otherwise a
+    warning, and the run goes on with token ids."""
     p = Path(model)
     if p.is_dir() and (p / "tokenizer.json").exists():
         try:
             return HFTokenizer(p / "tokenizer.json")
         except ImportError as e:
             raise ValueError(f"{p}/tokenizer.json needs the 'tokenizers' package: pip install tokenizers") from e
+        except Exception as e:  # the tokenizers library reports a corrupt file with its own error type
+            msg = f"{p / 'tokenizer.json'} cannot be read ({type(e).__name__}: {str(e)[:120]})"
+            if required:
+                raise ValueError(f"{msg}: replace it, or pass token ids") from None
+            logging.getLogger("moerun").warning("%s; going on with token ids only (no text)", msg)
+            return None
     if p.is_dir():
         return None  # a checkpoint without tokenizer.json: token ids only
     return ByteTokenizer(cfg.vocab_size, cfg.bos_token_id, tuple(getattr(cfg, "eos_token_ids", ()) or ()))

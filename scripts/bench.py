@@ -209,7 +209,7 @@ def print_offline(res: dict) -> None:
 def run_layout(pp: int, M: int, prompts_file: str, new_tokens: int, seed: int, timeout: int) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={pp}", f"--master_port={free_port()}",
            "-m", "moerun.generate", "--pp", str(pp), "--micro-batches", str(M), "--prompts-file", prompts_file,
-           "--max-new-tokens", str(new_tokens), "--max-batch-tokens", "8192", "--seed", str(seed),
+           "--max-new-tokens", str(new_tokens), "--max-batch-tokens", "8192", "--weights-seed", str(seed),
            "--ignore-eos", "--stats", "--json", "--timeout", "120"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = {"pp": pp, "micro_batches": M, "cmd": " ".join(cmd[1:])}

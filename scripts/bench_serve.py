@@ -8,7 +8,7 @@ optionally capped in concurrency, and report throughput and latency as the clien
 
     # start `python -m moerun.serve ARGS --host 127.0.0.1 --port <free>` itself, benchmark
     # it, stop it, then run the same prompts through the offline engine for a ratio
-    python scripts/bench_serve.py --launch "--model tiny --seed 0" --compare-offline
+    python scripts/bench_serve.py --launch "--model tiny --weights-seed 0" --compare-offline
 
 What is measured
     Each request is a POST to ``--endpoint`` (default /v1/completions) with ``stream: true``,
@@ -85,7 +85,7 @@ DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 PERCENTILES = (50, 90, 99)
 WARMUP_FAILED = "every warm-up request failed"
 # launch args the offline comparison reads (the rest are the server's business)
-OFFLINE_FLAGS = {"--model": str, "--seed": int, "--max-batch-tokens": int, "--kv-cache-gb": float,
+OFFLINE_FLAGS = {"--model": str, "--weights-seed": int, "--max-batch-tokens": int, "--kv-cache-gb": float,
                  "--block-size": int, "--micro-batches": int, "--dtype": str, "--device": str,
                  "--kernels": str}
 PARALLEL_FLAGS = ("--tp", "--pp", "--ep", "--dp")
@@ -698,9 +698,9 @@ def free_port() -> int:
 
 def parse_launch_args(launch: str) -> dict:
     """The flags of OFFLINE_FLAGS found in the --launch string (both "--f v" and "--f=v"),
-    converted; model defaults to "tiny" and seed to 0. Also "parallel": the layout flags seen."""
+    converted; model defaults to "tiny" and weights_seed to 0. Also "parallel": the layout flags seen."""
     toks = shlex.split(launch)
-    out: dict = {"model": "tiny", "seed": 0, "parallel": []}
+    out: dict = {"model": "tiny", "weights_seed": 0, "parallel": []}
     i = 0
     while i < len(toks):
         t = toks[i]
@@ -812,7 +812,7 @@ def run_offline(prompts: list[Prompt], opts: dict, temperature: float, max_concu
         from moerun import kernels
 
         kernels.set_default_impl(opts["kernels"])
-    model = build_model(opts["model"], dtype=opts.get("dtype"), device=opts.get("device"), seed=opts["seed"])
+    model = build_model(opts["model"], dtype=opts.get("dtype"), device=opts.get("device"), seed=opts["weights_seed"])
     ecfg = {k: opts[k] for k in ("max_batch_tokens", "kv_cache_gb", "block_size", "micro_batches") if k in opts}
     ids = [p.ids for p in prompts]
     params = [SamplingParams(max_new_tokens=p.max_tokens, temperature=temperature, ignore_eos=True) for p in prompts]
@@ -837,7 +837,7 @@ def run_offline(prompts: list[Prompt], opts: dict, temperature: float, max_concu
             "output_throughput": n_capped / dt_capped if dt_capped > 0 else math.nan,
             "all_at_once_duration_s": dt_all,
             "all_at_once_output_throughput": n_all / dt_all if dt_all > 0 else math.nan,
-            "model": opts["model"], "seed": opts["seed"], "engine_config": ecfg}
+            "model": opts["model"], "weights_seed": opts["weights_seed"], "engine_config": ecfg}
 
 
 # ====================================================================== main
@@ -1045,7 +1045,7 @@ def main(argv: list[str] | None = None) -> int:
         if launch_opts["parallel"]:
             print(f"Note: the server was launched with {', '.join(launch_opts['parallel'])}; "
                   "the offline engine runs in one process")
-        print(f"Offline: building {launch_opts['model']} (seed {launch_opts['seed']}) in this process...", flush=True)
+        print(f"Offline: building {launch_opts['model']} (weights seed {launch_opts['weights_seed']}) in this process...", flush=True)
         try:
             offline = run_offline(prompts, launch_opts, a.temperature, a.max_concurrency)
             so = summary["output_throughput"]

@@ -103,10 +103,10 @@ def test_jsonl_dataset(tmp_path):
 
 
 def test_parse_launch_args():
-    o = bs.parse_launch_args("--model /ckpt --seed=3 --kv-cache-gb 0.5 --block-size 32 --tp 2 --api-key k")
-    assert o["model"] == "/ckpt" and o["seed"] == 3 and o["kv_cache_gb"] == 0.5 and o["block_size"] == 32
+    o = bs.parse_launch_args("--model /ckpt --weights-seed=3 --kv-cache-gb 0.5 --block-size 32 --tp 2 --api-key k")
+    assert o["model"] == "/ckpt" and o["weights_seed"] == 3 and o["kv_cache_gb"] == 0.5 and o["block_size"] == 32
     assert o["parallel"] == ["--tp 2"] and "max_batch_tokens" not in o
-    assert bs.parse_launch_args("")["model"] == "tiny" and bs.parse_launch_args("")["seed"] == 0
+    assert bs.parse_launch_args("")["model"] == "tiny" and bs.parse_launch_args("")["weights_seed"] == 0
     with pytest.raises(ValueError):
         bs.LaunchedServer("--port 5")
     assert bs.glue_launch(["--launch", "--model x", "--seed", "1"]) == ["--launch=--model x", "--seed", "1"]
@@ -357,7 +357,7 @@ def test_launch_and_compare_offline(tmp_path, monkeypatch, capsys):
     app.write_text(STANDALONE_STUB)
     monkeypatch.setattr(bs, "SERVER_CMD", [sys.executable, str(app)])
     out = tmp_path / "r.json"
-    rc = bs.main(["--launch", "--model tiny --seed 1 --block-size 16", "--compare-offline", "--num-prompts", 4,
+    rc = bs.main(["--launch", "--model tiny --weights-seed 1 --block-size 16", "--compare-offline", "--num-prompts", 4,
                   "--random-input-len", 8, "--random-output-len", 4, "--launch-timeout", 30,
                   "--save-result", str(out)])
     so = capsys.readouterr().out
@@ -369,7 +369,7 @@ def test_launch_and_compare_offline(tmp_path, monkeypatch, capsys):
     assert r["model"] == "tiny" and r["base_url"].startswith("http://127.0.0.1:")
     assert r["summary"]["completed"] == 4
     off = r["offline"]
-    assert off["output_tokens"] == 16 and off["seed"] == 1 and off["engine_config"] == {"block_size": 16}
+    assert off["output_tokens"] == 16 and off["weights_seed"] == 1 and off["engine_config"] == {"block_size": 16}
     assert off["served_over_offline_pct"] == pytest.approx(
         100 * r["summary"]["output_throughput"] / off["output_throughput"])
 

@@ -236,7 +236,7 @@ def test_measured_values_out_of_range_are_rejected(tmp_path, capsys, metric, val
     f.write_text(json.dumps({"source": "t", "values": {"baseline": {metric: value}}}))
     with pytest.raises(ValueError, match=why):
         load_measured(f)
-    assert plan_main(["--claims", "seed", "--measured", str(f)]) == 1
+    assert plan_main(["--claims", "seed", "--measured", str(f)]) == 2
     assert metric in capsys.readouterr().err
 
 

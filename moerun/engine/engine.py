@@ -88,6 +88,11 @@ class Engine:
     def add_request(self, prompt: list[int], params: SamplingParams) -> int:
         """Queue a request; a ValueError (bad ids, too long for the cache) changes nothing."""
         check_prompt(prompt, self.model.cfg.vocab_size)
+        limit = self.model.cfg.max_position_embeddings
+        if len(prompt) + params.max_new_tokens > limit:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) = "
+                             f"{len(prompt) + params.max_new_tokens} tokens is beyond the model's "
+                             f"max_position_embeddings ({limit}): shorten the prompt or lower max_new_tokens")
         need = -(-(len(prompt) + params.max_new_tokens) // self.cfg.block_size)
         if need > self.num_blocks:
             raise ValueError(

@@ -124,6 +124,11 @@ class StageWorker:
             if s.req_id not in self.gens:
                 self.gens[s.req_id] = make_generator(s.params, s.req_id)
         params = [s.params for s in steps]
+        finite_R = torch.isfinite(logits_RV).all(dim=-1)
+        if not bool(finite_R.all()):  # argmax of NaNs is token 0: never sample garbage silently
+            bad = [s.req_id for s, ok in zip(steps, finite_R.tolist()) if not ok]
+            raise FloatingPointError(f"the model produced non-finite logits (NaN or inf) for request(s) {bad[:8]}: "
+                                     "the weights or the dtype overflowed; try --dtype float32")
         toks = sample(logits_RV, params, [self.gens[s.req_id] for s in steps])
         return {s.req_id: r for s, r in zip(steps, logprobs_of(logits_RV, toks, [p.logprobs for p in params]))}
 

@@ -247,8 +247,13 @@ MEASURED_KEYS = ("source", "values", "measured_as", "report")
 
 def load_measured(path: str | Path) -> MeasuredFile:
     """A measured-values file (format in the module docstring), every value range-checked."""
-    with open(path) as f:
-        raw = json.load(f)
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except OSError as e:
+        raise ValueError(f"--measured {path}: cannot read it ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--measured {path}: not valid JSON ({e})") from None
     unknown = sorted(set(raw) - set(MEASURED_KEYS)) if isinstance(raw, dict) else []
     if not isinstance(raw, dict) or unknown or not isinstance(raw.get("values"), dict):
         raise ValueError(f"{path}: expected {{\"source\": str, \"values\": {{strategy: {{metric: number}}}}, "

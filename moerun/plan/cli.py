@@ -7,7 +7,7 @@
 
 (``python -m moerun.plan.cli`` is the same command.) Exit codes: 0 valid (or a search /
 claims table printed), 2 invalid layout (every broken rule listed; with --json the object
-is still printed, with "valid": false), 1 bad arguments (2 when argparse rejects them).
+is still printed, with "valid": false) or a bad flag or file, as every moerun command.
 """
 from __future__ import annotations
 
@@ -97,6 +97,10 @@ def claims_main(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.gpus is not None and args.gpus < 1:
+            raise ValueError(f"--gpus {args.gpus} must be >= 1")
+        if args.top < 1:
+            raise ValueError(f"--top {args.top} must be >= 1")
         if args.claims:
             return claims_main(args)
         model, hw, gpus, layout, workload = resolve(args)
@@ -111,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(format_search(reps, args.top, model, hw, gpus, workload, args.max_tpot_ms))
             return 0
         rep = make_plan(model, layout, hw, gpus, workload, args.micro_batches)
-    except ValueError as e:
-        print(f"moerun plan: {e}", file=sys.stderr)
-        return 1
+    except ValueError as e:  # a bad flag or file: the same exit code as every moerun command
+        print(f"moerun plan: error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(rep.to_json(), indent=1) if args.json else format_plan(rep))
     return 0 if rep.valid else 2
 

@@ -64,7 +64,7 @@ def profile_command(layout: ParallelConfig, *, model: str, prompts: str, new_tok
     gen = ["-m", "moerun.generate", "--model", model, "--device", device,
            "--tp", str(layout.tp), "--pp", str(layout.pp), "--ep", str(layout.ep), "--dp", str(layout.dp),
            "--prompts-file", prompts, "--max-new-tokens", str(new_tokens), "--ignore-eos",
-           "--max-batch-tokens", str(max_batch_tokens), "--seed", str(seed), "--timeout", f"{timeout_s:g}",
+           "--max-batch-tokens", str(max_batch_tokens), "--weights-seed", str(seed), "--timeout", f"{timeout_s:g}",
            "--profile", "--profile-out", out_dir, "--json"]
     if dtype:
         gen += ["--dtype", dtype]
