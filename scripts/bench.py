@@ -1,4 +1,4 @@
-"""The project benchmark, in three sections (``--section``, repeatable):
+"""The project benchmark, in four sections (``--section``, repeatable):
 
     python scripts/bench.py                             # offline + pipeline + strategy optimized
     python scripts/bench.py --quick                     # the same, smaller
@@ -6,6 +6,7 @@
     python scripts/bench.py --strategy baseline --quick --json out.json --plot plots/
     python scripts/bench.py --strategy auto --hardware h100-sxm --gpus 16
     moerun plan --claims seed --measured out.json       # the JSON reads back as measured values
+    python scripts/bench.py --section peers             # DeepSpeed's MoE layer beside moerun's (pip install -e ".[deepspeed]")
 
 1. ``offline``: moerun's offline throughput beside transformers on the same weights, one
    process, the ``tiny`` preset (random weights from --seed). The preset is saved with
@@ -411,6 +412,47 @@ def measure(args, model: ModelConfig, layout: ParallelConfig, role: str, plan) -
             return None, None, "", "", str(e)
 
 
+# ------------------------------------------------------------------ peers
+PEER_EPS = (1, 2, 4)
+
+
+def peers(args) -> list[dict]:
+    """DeepSpeed's MoE layer beside moerun's at EP 1/2/4 on gloo (scripts/peer_deepspeed.py)."""
+    try:
+        import deepspeed  # noqa: F401  (only to know it is there; the worker imports it)
+    except ImportError:
+        print("\n== 4. Peers: skipped: DeepSpeed is not installed (pip install -e \".[deepspeed]\") ==")
+        return []
+    rows = []
+    worker = Path(__file__).with_name("peer_deepspeed.py")
+    for ep in PEER_EPS:
+        print(f"  running DeepSpeed and moerun MoE layers at EP={ep} ...", flush=True)
+        with tempfile.TemporaryDirectory() as d:
+            out = Path(d) / "peer.json"
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ep}",
+                   f"--master_port={free_port()}", str(worker), str(out), "--iters", "5" if args.quick else "20"]
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                               env={**os.environ, "LOCAL_SIZE": str(ep), "OMP_NUM_THREADS": "1"})
+            if p.returncode != 0 or not out.exists():
+                rows.append({"ep": ep, "error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else "failed"})
+                continue
+            rows.append(json.loads(out.read_text()))
+    good = [r for r in rows if "error" not in r]
+    print(f"\n== 4. Peers: DeepSpeed {good[0]['deepspeed_version'] if good else '?'} MoE layer beside moerun's, "
+          "same weights, same tokens, gloo ==")
+    print(f"   {measured(1, note=': one process per EP rank x 1 thread')}; tiny preset's MoE shape "
+          "(E=64, top-2, H=128, F=256), 64 tokens per rank, float32")
+    print(table(["EP", "max |moerun - DeepSpeed|", "max |output|", "moerun ms", "DeepSpeed ms", "DeepSpeed / moerun"],
+                [[r["ep"], f"{r['max_abs_diff']:.2e}", f"{r['max_abs_output']:.3f}", f"{r['moerun_ms']:.2f}",
+                  f"{r['deepspeed_ms']:.2f}", f"{r['deepspeed_ms'] / r['moerun_ms']:.2f}x"] if "error" not in r
+                 else [r["ep"], "ERROR: " + r["error"][:80], "", "", "", ""] for r in rows]))
+    if good:
+        print("conditions for DeepSpeed to compute the same function: " + "; ".join(good[0]["conditions"]))
+    print("ms = median wall time of one forward of the layer on each rank (after a warm-up), median over ranks; "
+          "the rows share this machine's 2 cores.\nNot run: DeepSpeed AutoEP end to end on an HF checkpoint.")
+    return rows
+
+
 def strategy_section(args) -> dict:
     """Check, substitute, measure, project and tabulate one strategy (section 3)."""
     cf = ClaimsFile.load(args.claims)
@@ -499,13 +541,14 @@ def plot_rows(rows, title: str, path: Path) -> None:
 
 
 # ------------------------------------------------------------------ main
-SECTIONS = ("offline", "pipeline", "strategy")
+SECTIONS = ("offline", "pipeline", "strategy", "peers")
+DEFAULT_SECTIONS = ("offline", "pipeline", "strategy")  # peers needs DeepSpeed: asked for by name
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--section", action="append", choices=SECTIONS,
-                    help="run this section (repeatable; default: all three, or only strategy with --strategy)")
+                    help="run this section (repeatable; default: offline, pipeline and strategy, or only strategy with --strategy; peers (DeepSpeed beside moerun) when asked)")
     ap.add_argument("--strategy", help="preset in configs/strategies/, a .toml path, or auto (the planner's "
                                        "best valid layout by projected throughput); default for the strategy "
                                        "section: optimized")
@@ -523,7 +566,7 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.gpus is not None and args.gpus < 1:
         ap.error(f"--gpus {args.gpus} must be >= 1")
-    args.sections = args.section or (["strategy"] if args.strategy else list(SECTIONS))
+    args.sections = args.section or (["strategy"] if args.strategy else list(DEFAULT_SECTIONS))
     args.strategy = args.strategy or "optimized"
     args.new_tokens = 64
     args.repeats = 1 if args.quick else 3
@@ -570,6 +613,9 @@ def main(argv=None) -> int:
             path = Path(args.plot) / f"{st['name']}.png"
             plot_rows(st["rows"], st["title"], path)
             print(f"plot: {path}")
+    if "peers" in args.sections:
+        report["peers"] = peers(args)
+        failed += [r for r in report["peers"] if "error" in r]
     elapsed = time.perf_counter() - t_start
     print(f"\nbenchmark took {elapsed:.0f}s; load average at end {load_avg()}")
     if args.json:

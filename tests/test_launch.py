@@ -70,3 +70,16 @@ def test_moerun_help_and_unknown_command():
     assert p.returncode == 0 and "serve" in p.stdout and "generate" in p.stdout
     p = subprocess.run([sys.executable, "-m", "moerun.cli", "frob"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "unknown command 'frob'" in p.stderr
+
+
+def test_deepspeed_moe_layer_computes_what_moerun_does(tmp_path):
+    """The peer section's worker at EP 2 (skips where DeepSpeed is not installed, as in CI)."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "peer.json"
+    worker = Path(__file__).resolve().parents[1] / "scripts" / "peer_deepspeed.py"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={free_port()}", str(worker), str(out), "--iters", "1"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "LOCAL_SIZE": "2"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(out.read_text())
+    assert got["max_abs_diff"] <= 1e-5 and got["max_abs_output"] > 0.1
