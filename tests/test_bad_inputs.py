@@ -115,3 +115,27 @@ def test_a_bad_value_under_torchrun_fails_alike_on_every_rank(ckpt):
     assert p.returncode != 0
     assert p.stderr.count("temperature must be a finite number") == 1  # rank 0 says it, once
     assert "Connection closed" not in p.stderr and "failed:" not in p.stderr
+
+
+def test_non_finite_logits_are_an_error_not_token_0(ckpt):
+    from moerun.build import build_model
+    from moerun.engine import Engine
+    from moerun.options import SamplingParams
+
+    model = build_model(ckpt)
+    model.lm_head.weight.data[3, 0] = float("nan")  # one NaN row of logits
+    with pytest.raises(FloatingPointError, match="non-finite logits"):
+        Engine(model).generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model", "seed-30b", "--hardware", "seed", "--gpus", "0"], "--gpus 0 must be >= 1"),
+    (["--model", "seed-30b", "--hardware", "seed", "--gpus", "-4"], "--gpus -4 must be >= 1"),
+    (["--model", "seed-30b", "--hardware", "seed", "--gpus", "16", "--search", "--top", "-2"], "--top -2 must be >= 1"),
+    (["--claims", "seed", "--measured", "/nonexistent/m.json"], "cannot read it"),
+])
+def test_plan_flags_are_checked(args, words, capsys):
+    from moerun.plan.cli import main as plan_main
+
+    assert plan_main(args) == 2
+    assert words in capsys.readouterr().err

@@ -16,7 +16,7 @@ import dataclasses
 import json
 import sys
 
-from ..args import add_layout_args
+from ..args import HelpFormatter, add_layout_args
 from ..config import ModelConfig
 from ..dtypes import DTYPE_BYTES
 from ..parallel import ParallelConfig
@@ -29,7 +29,7 @@ from .strategy import Strategy, Workload
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="moerun plan", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--model", help="preset name (tiny, seed-30b) or checkpoint directory "
                                     "(default: the strategy's model)")
     ap.add_argument("--hardware", help="preset in configs/hardware/ or a .toml path "
