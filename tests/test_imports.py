@@ -99,3 +99,16 @@ def test_torch_free_layers_import_no_torch():
             "assert 'torch' not in sys.modules, 'torch was imported'")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
+
+
+def test_every_package_ships_in_the_wheel():
+    """pyproject.toml lists packages one by one (kernels/ and configs/ are mapped in): a new
+    subpackage missing there works in a checkout and breaks in a wheel."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    present = {".".join(("moerun", *p.parent.relative_to(ROOT / "moerun").parts)).rstrip(".")
+               for p in (ROOT / "moerun").rglob("__init__.py")}
+    assert present - listed == set(), f"add to pyproject.toml packages: {sorted(present - listed)}"
