@@ -34,8 +34,8 @@ from .engine import Engine, follow_leader
 from .engine.request import check_prompt
 from .entry import run_command
 from .mesh import gather_to_rank0, leader_decides
-from .profile.summary import build_summary, check_out_dir, trace_events, write_profile
-from .profile_report import format_report
+from .profile.summary import build_summary, check_out_dir
+from .profile_report import publish
 from .runtime import Runtime
 from .serve.detok import TextStream
 from .tokenizer import load_tokenizer
@@ -231,14 +231,7 @@ def _generate(args) -> int:
         summary = build_summary(profiles, par=rt.par, model=opts.model,
                                 dtype=str(rt.model.dtype).removeprefix("torch."), workload=workload,
                                 wall_s=dt, ticks=engine.tick)
-        ov = summary["profile_overhead"]
-        if args.profile_out is not None:
-            paths = write_profile(args.profile_out, summary, trace_events(profiles))
-            log.info("profile: wrote %s (moerun profile-report %s)", ", ".join(paths), args.profile_out)
-        else:
-            print(format_report(summary), file=sys.stderr)
-        log.info("profiler overhead: %s%% of wall (%s)",
-                 "-" if ov["pct"] is None else f"{ov['pct']:.2f}", ov["method"])
+        publish(summary, profiles, args.profile_out)
     texts = texts or [tok.decode(o) if tok else None for o in outputs]
     if args.json:
         res = [{"prompt_ids": p, "output_ids": o, "text": t} for (p, _), o, t in zip(prompts, outputs, texts)]

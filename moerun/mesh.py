@@ -138,7 +138,7 @@ class DistComm(Comm):
             mine = self.token_rows(x_TH.shape[0])
             return x_TH[mine.start:mine.stop]
         T = x_TH.shape[0]
-        per = -(-T // self.tp_size)
+        per = len(self.par.token_rows_of(0, T))  # rank 0 holds the full ceil share
         x = F.pad(x_TH, (0, 0, 0, per * self.tp_size - T)).contiguous()
         out = x.new_empty(per, x.shape[1])
         _reduce_scatter(out, x, group=self.mesh.tp_group)
@@ -147,7 +147,7 @@ class DistComm(Comm):
     def tp_all_gather_tokens(self, x_tH, num_tokens):
         if self.tp_size == 1 or num_tokens == 0:
             return x_tH
-        per = -(-num_tokens // self.tp_size)
+        per = len(self.par.token_rows_of(0, num_tokens))
         x = F.pad(x_tH, (0, 0, 0, per - x_tH.shape[0])).contiguous()
         out = x.new_empty(per * self.tp_size, x.shape[1])
         _all_gather(out, x, group=self.mesh.tp_group)

@@ -6,17 +6,22 @@ the expert load per EP rank, the memory per rank and the profiler's own overhead
     moerun profile-report prof/
 
 DIR/summary.json is the input (its schema: ``moerun.profile.summary.build_summary``);
-DIR/trace.json opens in ui.perfetto.dev.
+DIR/trace.json opens in ui.perfetto.dev. ``publish`` is what generate and serve do with a
+profile at the end of a run: write it under --profile-out, or print this report.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
 from .args import HelpFormatter
 from .plan.format import table
+from .profile.summary import trace_events, write_profile
+
+log = logging.getLogger("moerun")
 
 UNITS = {"_ms": "ms", "_tok_s": "tok/s", "_pct": "%", "_gb": "GB"}  # a metric key's suffix -> its unit
 # the summary's top-level keys; a file without them is not a profile summary
@@ -93,6 +98,18 @@ def format_report(s: dict) -> str:
     ov = s["profile_overhead"]
     out += [f"profiler overhead  {_num(ov['pct'])}% of wall", f"  method: {ov['method']}"]
     return "\n".join(out)
+
+
+def publish(summary: dict, reports: dict, out_dir: str | None) -> None:
+    """A finished run's profile: summary.json and trace.json under ``out_dir``, else the
+    report on stderr; the profiler's own overhead logged either way."""
+    if out_dir is not None:
+        paths = write_profile(out_dir, summary, trace_events(reports))
+        log.info("profile: wrote %s (moerun profile-report %s)", ", ".join(paths), out_dir)
+    else:
+        print(format_report(summary), file=sys.stderr)
+    ov = summary["profile_overhead"]
+    log.info("profiler overhead: %s%% of wall (%s)", "-" if ov["pct"] is None else f"{ov['pct']:.2f}", ov["method"])
 
 
 def parser() -> argparse.ArgumentParser:

@@ -615,6 +615,15 @@ def machine() -> str:
 
 
 # ===================================================================== plots
+def _save(plt, fig, label: str, path) -> str:
+    """Title, lay out, write and close one figure; its path."""
+    fig.suptitle(label, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
 def write_plots(records: list[RequestRecord], out_dir: str, label: str) -> list[str]:
     """latency_cdf.png (TTFT, TPOT, E2E) and output_throughput.png (1 s bins) in out_dir."""
     import matplotlib
@@ -645,12 +654,7 @@ def write_plots(records: list[RequestRecord], out_dir: str, label: str) -> list[
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.set_title(f"{name} CDF ({len(xs)} requests)")
-    fig.suptitle(label, fontsize=9)
-    fig.tight_layout()
-    p = out / "latency_cdf.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(str(p))
+    paths.append(_save(plt, fig, label, out / "latency_cdf.png"))
 
     # output tokens per 1 s bin (a request's tokens spread evenly over its token chunks),
     # divided by the part of the bin the run lasted; requests in flight as a step function
@@ -680,12 +684,7 @@ def write_plots(records: list[RequestRecord], out_dir: str, label: str) -> list[
     a2.set_ylabel("requests in flight")
     a2.set_xlabel("time since the first request (s)")
     a2.grid(alpha=0.3)
-    fig.suptitle(label, fontsize=9)
-    fig.tight_layout()
-    p = out / "output_throughput.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(str(p))
+    paths.append(_save(plt, fig, label, out / "output_throughput.png"))
     return paths
 
 

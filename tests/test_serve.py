@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,17 +20,13 @@ from moerun.build import build_model
 from moerun.engine import Engine, EngineConfig
 from moerun.options import SamplingParams
 
+from test_layouts import free_port
+
 openai = pytest.importorskip("openai")
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}w5 {{ m['content'] }} "
             "{% else %}w6 {{ m['role'] }} {{ m['content'] }} w7 {% endif %}{% endfor %}"
             "{% if add_generation_prompt %}w6 assistant {% endif %}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

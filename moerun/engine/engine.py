@@ -116,7 +116,7 @@ class Engine:
             return
         req.aborted = True
         if not req.in_flight:
-            self._finish(req, "abort")
+            self._finish(req)
             self.aborted_events.append(TokenEvent(rid, None, True, "abort"))
 
     def has_unfinished(self) -> bool:
@@ -192,7 +192,7 @@ class Engine:
                 req.in_flight = False
                 req.num_computed = s.start + len(s.tokens)
                 if req.aborted:
-                    self._finish(req, "abort")
+                    self._finish(req)
                     events.append(TokenEvent(req.id, None, True, "abort"))
                     continue
                 if not s.sample:
@@ -203,12 +203,11 @@ class Engine:
                 reason = ("stop" if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.model.cfg.eos_token_ids)
                           else "length" if len(req.output) >= p.max_new_tokens else None)
                 if reason:
-                    self._finish(req, reason)
+                    self._finish(req)
                 events.append(TokenEvent(req.id, tok, reason is not None, reason, lp, top))
         return events
 
-    def _finish(self, req: Request, reason: str) -> None:
-        req.finish_reason = reason
+    def _finish(self, req: Request) -> None:
         self.schedulers[req.replica].finish(req)
         self.finished_ids.append(req.id)
         del self.requests[req.id]

@@ -42,8 +42,6 @@ class Request:
     blocks: list[int] = field(default_factory=list)
     in_flight: bool = False
     aborted: bool = False
-    finish_reason: str | None = None
-    num_preemptions: int = 0
 
     @property
     def tokens(self) -> list[int]:

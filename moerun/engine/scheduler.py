@@ -74,7 +74,6 @@ class Scheduler:
         self.free(victim)
         self.running.remove(victim)
         victim.status, victim.num_computed = Status.WAITING, 0
-        victim.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(victim)
 

@@ -7,7 +7,7 @@ its output on with ``isend`` and posts the ``irecv`` for the next tick before th
 control collectives, so transfers overlap compute and never wait on a sender. The last
 stage samples (TP rank 0 only) and returns the tokens (with log probabilities for the
 requests that ask). ``trace`` keeps the last ``TRACE_TICKS`` ticks (a ring buffer: a
-server runs for ever); ``clear_trace`` starts a fresh run.
+server runs for ever).
 
 The worker owns the rank's profiler ``prof`` (``moerun.profile``; the do-nothing
 ``NULL_PROFILER`` unless built with ``profile=True``): it times the pipeline transfers and
@@ -131,9 +131,6 @@ class StageWorker:
                                      "the weights or the dtype overflowed; try --dtype float32")
         toks = sample(logits_RV, params, [self.gens[s.req_id] for s in steps])
         return {s.req_id: r for s, r in zip(steps, logprobs_of(logits_RV, toks, [p.logprobs for p in params]))}
-
-    def clear_trace(self) -> None:
-        self.trace.clear()
 
     def profile_report(self) -> dict:
         """This rank's profile (``Profiler.report``) with its weight and KV cache bytes."""

@@ -151,7 +151,7 @@ class LMHead(nn.Module):
         prof.note_activation(logits)
         if self.comm.tp_size == 1:
             return logits
-        per = -(-self.vocab_size // self.comm.tp_size)  # ceil split: pad, gather, cut
+        per = len(self.comm.par.vocab_rows_of(0, self.vocab_size))  # rank 0's full share: pad, gather, cut
         logits = F.pad(logits, (0, per - logits.shape[-1]))
         with prof.phase("tp_collective"):
             logits = self.comm.tp_all_gather_last(logits)

@@ -69,7 +69,7 @@ class ServerState:
 
 class _NoText:
     """A model without a tokenizer: no text, the token ids carry the answer (``token_ids``)."""
-    stopped, stop_reason = False, None
+    stopped, stop_reason, text = False, None, ""
 
     def add(self, token_id: int) -> str:
         return ""
@@ -236,31 +236,30 @@ def build_app(state: ServerState) -> FastAPI:
     async def completions(request: Request):
         req = P.parse_request(P.CompletionRequest, await request.body())
         P.check_model(req.model, settings.served_model_name)
-        loop = admit(state)
+        admit(state)
         prompts = P.prompts_of(req, state.tokenizer, state.vocab_size)
         choices = make_choices(state, req, prompts, req.max_tokens, "max_tokens")
         echo = P.echo_texts(req, state.tokenizer, prompts) if req.echo else None
-        return await respond(request, state, loop, req, choices, chat=False, echo=echo)
+        return await respond(request, state, req, choices, chat=False, echo=echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = P.parse_request(P.ChatCompletionRequest, await request.body())
         P.check_model(req.model, settings.served_model_name)
-        loop = admit(state)
+        admit(state)
         prompt = chat_prompt_ids(req, state.chat_template, state.tokenizer, state.vocab_size)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         choices = make_choices(state, req, [prompt], req.max_output_tokens, param, "messages")
-        return await respond(request, state, loop, req, choices, chat=True)
+        return await respond(request, state, req, choices, chat=True)
 
     return app
 
 
-def admit(state: ServerState) -> EngineClient:
-    loop = state.serving()
-    if loop.queued() >= state.settings.max_waiting:
+def admit(state: ServerState) -> None:
+    """503 unless requests can be taken now and fewer than --max-waiting wait."""
+    if state.serving().queued() >= state.settings.max_waiting:
         raise P.APIError.unavailable(f"The server is at capacity: {state.settings.max_waiting} requests are "
                                      "already waiting (--max-waiting). Retry later.")
-    return loop
 
 
 def make_choices(state: ServerState, req, prompts: list[list[int]], max_tokens: int | None, param: str,
@@ -278,7 +277,7 @@ def make_choices(state: ServerState, req, prompts: list[list[int]], max_tokens: 
     return out
 
 
-async def respond(request: Request, state: ServerState, loop: EngineClient, req, choices: list[Choice], *,
+async def respond(request: Request, state: ServerState, req, choices: list[Choice], *,
                   chat: bool, echo: list[str] | None = None):
     rid, model, created = P.new_id("chatcmpl" if chat else "cmpl"), state.settings.served_model_name, P.now()
     n_prompt = sum(len(c.prompt) for c in choices[:: req.n])
@@ -292,20 +291,11 @@ async def respond(request: Request, state: ServerState, loop: EngineClient, req,
         entries, c.sampled = c.sampled, []
         return P.chat_logprobs(entries, state.tokenizer, lp_n) if chat else formatters[c.index](entries)
 
-    if not req.stream:
-        pieces = {c.index: [] for c in choices}
-        logs = {c.index: [] for c in choices}
-
-        def collect(c, text):
-            pieces[c.index].append(text)
-            lp = logprobs_of(c)
-            if lp is not None:
-                logs[c.index].append(lp)
-        await run_all(request, state, choices, collect)
+    if not req.stream:  # each choice's TextStream keeps its whole text; logprobs formatted once at the end
+        await run_all(request, state, choices)
         out = []
         for c in choices:
-            text = "".join(pieces[c.index])
-            lp = merge_logprobs(logs[c.index], chat) if lp_n is not None else None
+            text, lp = c.text.text, logprobs_of(c)
             if chat:
                 choice = P.chat_choice(c.index, text, c.finish_reason, lp, c.stop_reason)
             else:
@@ -380,10 +370,10 @@ async def respond(request: Request, state: ServerState, loop: EngineClient, req,
     return StreamingResponse(stream(), media_type="text/event-stream")
 
 
-async def run_all(request: Request, state: ServerState, choices: list[Choice], emit) -> None:
+async def run_all(request: Request, state: ServerState, choices: list[Choice]) -> None:
     """Every choice to its end; a client that disconnects first cancels them (which aborts
     their engine requests); the first error is raised."""
-    tasks = [asyncio.create_task(run_choice(state, c, emit)) for c in choices]
+    tasks = [asyncio.create_task(run_choice(state, c, lambda c, text: None)) for c in choices]
     gathered = asyncio.gather(*tasks)
     try:
         while True:
@@ -399,15 +389,4 @@ async def run_all(request: Request, state: ServerState, choices: list[Choice], e
         if not gathered.done():
             gathered.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def merge_logprobs(parts: list[dict], chat: bool) -> dict:
-    """The logprobs objects of one choice's pieces as one (a non-streamed response)."""
-    if chat:
-        return {"content": [x for p in parts for x in p["content"]]}
-    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for p in parts:
-        for k in out:
-            out[k] += p[k]
-    return out
 

@@ -32,8 +32,8 @@ from ..config import ModelConfig
 from ..engine import Engine, follow_leader
 from ..entry import run_command, setup_logging
 from ..mesh import gather_to_rank0
-from ..profile.summary import build_summary, check_out_dir, trace_events, write_profile
-from ..profile_report import format_report
+from ..profile.summary import build_summary, check_out_dir
+from ..profile_report import publish
 from ..runtime import Runtime, launched_world
 from ..tokenizer import load_tokenizer
 from .app import ServerSettings, ServerState, build_app
@@ -169,11 +169,7 @@ def write_server_profile(args, opts, rt, engine, loop: EngineLoop, wall_s: float
     workload = {"requests": loop.num_requests, "prompt_tokens": loop.prompt_tokens, "output_tokens": loop.output_tokens}
     summary = build_summary(reports, par=rt.par, model=opts.model, dtype=str(rt.model.dtype).removeprefix("torch."),
                             workload=workload, wall_s=wall_s, ticks=engine.tick)
-    if args.profile_out is not None:
-        paths = write_profile(args.profile_out, summary, trace_events(reports))
-        log.info("profile: wrote %s (moerun profile-report %s)", ", ".join(paths), args.profile_out)
-    else:
-        print(format_report(summary), file=sys.stderr)
+    publish(summary, reports, args.profile_out)
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,6 @@ class EngineLoop:
         self.drain_deadline = 0.0
         self.http_gone = False
         self.num_requests = self.prompt_tokens = self.output_tokens = 0  # served, for the profile
-        self.send_lock = threading.Lock()
         threading.Thread(target=self._read, name="from-http", daemon=True).start()
 
     def _read(self) -> None:
@@ -85,11 +84,11 @@ class EngineLoop:
                 self.cond.notify()
 
     def _send(self, msg) -> None:
-        with self.send_lock:
-            try:
-                self.conn.send(msg)
-            except (BrokenPipeError, OSError):
-                self.http_gone = True
+        """Only the main thread sends (the reader thread only receives): no lock needed."""
+        try:
+            self.conn.send(msg)
+        except (BrokenPipeError, OSError):
+            self.http_gone = True
 
     def drain(self, timeout_s: float) -> None:
         """Stop taking requests; finish the ones in flight within ``timeout_s``. Callable
