@@ -19,14 +19,14 @@ from ._common import HAS_TRITON, INTERPRETED, get_default_impl, set_default_impl
 from .align import moe_align, reference_moe_align
 from .dispatch import (DispatchMeta, combine, contiguous_expert_ranks, dispatch,
                        reference_combine, reference_dispatch)
-from .fused_moe import fused_moe, reference_fused_moe, reference_moe_loop
+from .fused_moe import ACTIVATIONS, ExpertAct, fused_moe, reference_fused_moe, reference_moe_loop
 from .moe_config import MoeTileConfig
-from .router import reference_topk_softmax, topk_softmax
+from .router import SCORINGS, reference_route, reference_topk_softmax, route, topk_softmax
 
 __all__ = [
-    "HAS_TRITON", "INTERPRETED", "DispatchMeta", "MoeTileConfig",
+    "ACTIVATIONS", "HAS_TRITON", "INTERPRETED", "DispatchMeta", "ExpertAct", "MoeTileConfig",
     "combine", "contiguous_expert_ranks", "dispatch", "fused_moe", "get_default_impl",
-    "moe_align", "set_default_impl", "topk_softmax",
+    "moe_align", "route", "set_default_impl", "topk_softmax", "SCORINGS",
     "reference_combine", "reference_dispatch", "reference_fused_moe", "reference_moe_align",
-    "reference_moe_loop", "reference_topk_softmax",
+    "reference_moe_loop", "reference_route", "reference_topk_softmax",
 ]

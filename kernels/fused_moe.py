@@ -11,6 +11,12 @@ For each token t and choice k with e = ids[t, k] (kept only if e is a local expe
 where w13[e] = [gate (F rows); up (F rows)] (HF gate_proj / Mixtral w1, then up_proj / w3)
 and w2[e] = down_proj. A token with no local choice gets zeros.
 
+Variants (GPT-OSS): ``w13_bias [E, 2F]`` (gate then up) and ``w2_bias [E, H]`` are added
+after their GEMMs, so the down bias is weighted by the routing weight like the rest of the
+expert's output; ``activation="swiglu_oai"`` is the clamped SwiGLU
+    g = min(gate, limit); u = clamp(up, -limit, limit); h = g * sigmoid(alpha * g) * (u + 1)
+(``alpha``, ``limit`` from the checkpoint's config; ``activation="silu"`` is silu(gate) * up).
+
 Numerics: products accumulate in float32; the SwiGLU activation is stored in x's dtype (as a
 bf16 model would); each slot's weighted output is kept in float32 and the top-k sum is
 float32, cast to x's dtype at the end. float32 GEMMs use IEEE fp32 (no TF32).
@@ -24,6 +30,8 @@ Shape legend: T = tokens, K = top-k, S = T*K slots, E = local experts, H = hidde
 F = expert FFN width, M/N/Kb = tile rows / columns / reduction.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -44,7 +52,35 @@ def _slots_by_expert(ids_TK, expert_start: int, num_local: int):
     return slots_N, experts_N, torch.bincount(experts_N, minlength=num_local)
 
 
-def _expert_loop(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start, compute_dtype):
+ACTIVATIONS = ("silu", "swiglu_oai")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertAct:
+    """How an expert turns its gate-up GEMM into the down GEMM's input, and its biases."""
+    kind: str = "silu"  # "silu": silu(gate) * up; "swiglu_oai": GPT-OSS's clamped form
+    alpha: float = 1.702
+    limit: float = 7.0
+    w13_bias: torch.Tensor | None = None  # [E, 2F]
+    w2_bias: torch.Tensor | None = None   # [E, H]
+
+    def glu(self, gate_up_NF2: torch.Tensor, F: int) -> torch.Tensor:
+        gate, up = gate_up_NF2[:, :F], gate_up_NF2[:, F:]
+        if self.kind == "silu":
+            return torch.nn.functional.silu(gate) * up
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return gate * torch.sigmoid(gate * self.alpha) * (up + 1)
+
+    @property
+    def plain(self) -> bool:
+        return self.kind == "silu" and self.w13_bias is None and self.w2_bias is None
+
+
+PLAIN = ExpertAct()
+
+
+def _expert_loop(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start, compute_dtype, act=PLAIN):
     """Group the token-slots by expert (one sort), run each local expert's SwiGLU FFN on
     its contiguous rows, and add the weighted rows back to their tokens in one pass."""
     T, H = x_TH.shape
@@ -54,14 +90,18 @@ def _expert_loop(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start, comput
     counts = counts_E.tolist()
     x_NH = x_TH[slots_N // K].to(compute_dtype)
     y_NH = torch.empty((slots_N.numel(), H), dtype=torch.float32, device=x_TH.device)
+    b13 = act.w13_bias.to(compute_dtype) if act.w13_bias is not None else None
+    b2 = act.w2_bias.to(compute_dtype) if act.w2_bias is not None else None
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
         rows = slice(start, start + n)
-        gate_up = torch.nn.functional.linear(x_NH[rows], w13_EFH[e].to(compute_dtype))
-        h_NF = (torch.nn.functional.silu(gate_up[:, :F]) * gate_up[:, F:]).to(x_TH.dtype).to(compute_dtype)
-        y_NH[rows] = torch.nn.functional.linear(h_NF, w2_EHF[e].to(compute_dtype)).float()
+        gate_up = torch.nn.functional.linear(x_NH[rows], w13_EFH[e].to(compute_dtype),
+                                             b13[e] if b13 is not None else None)
+        h_NF = act.glu(gate_up, F).to(x_TH.dtype).to(compute_dtype)
+        y_NH[rows] = torch.nn.functional.linear(h_NF, w2_EHF[e].to(compute_dtype),
+                                                b2[e] if b2 is not None else None).float()
         start += n
     y_NH *= weights_TK.reshape(-1)[slots_N].float()[:, None]
     out_TH = torch.zeros((T, H), dtype=torch.float32, device=x_TH.device)
@@ -69,10 +109,10 @@ def _expert_loop(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start, comput
     return out_TH.to(x_TH.dtype)
 
 
-def reference_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, *, expert_start=0):
+def reference_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, *, expert_start=0, act: ExpertAct = PLAIN):
     """The readable definition: loop over local experts, matmuls in float32, the SwiGLU
     activation rounded to x's dtype like the kernel stores it, float32 top-k sum."""
-    return _expert_loop(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start, torch.float32)
+    return _expert_loop(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start, torch.float32, act)
 
 
 # Slots per local expert below which the gather-GEMV path is used on CPU: against
@@ -97,7 +137,8 @@ def _gather_gemv(x_NK: torch.Tensor, table_XN: torch.Tensor, e_N: torch.Tensor) 
     return torch.nn.functional.embedding_bag(rows_NK, table_XN, mode="sum", per_sample_weights=x_NK)
 
 
-def torch_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, *, expert_start=0, path=None):
+def torch_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, *, expert_start=0, path=None,
+                    act: ExpertAct = PLAIN):
     """The fast PyTorch path (``impl="torch"``) on CPU float32: the reference's sort, then
     - few slots per expert (decode) and K-major weights: each projection is one gather-GEMV
       (``_gather_gemv``), which streams only the routed experts' weights at memory speed;
@@ -110,7 +151,7 @@ def torch_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, *, expert_start=0
     grouped = getattr(torch, "_grouped_mm", None)
     cpu_f32 = x_TH.device.type == "cpu" and x_TH.dtype == torch.float32
     if grouped is None or x_TH.shape[0] == 0 or not (cpu_f32 or path == "grouped"):
-        return reference_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start=expert_start)
+        return reference_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start=expert_start, act=act)
     T, H = x_TH.shape
     E, F = w13_EFH.shape[0], w13_EFH.shape[1] // 2
     K = ids_TK.shape[1]
@@ -121,14 +162,19 @@ def torch_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, *, expert_start=0
     if path == "gemv" and not k_major:
         raise ValueError("path='gemv' needs K-major experts: w13.transpose(1, 2) and w2.transpose(1, 2) contiguous")
     if path == "gemv" or (path is None and k_major and slots_N.numel() < GEMV_MAX_SLOTS_PER_EXPERT * E):
-        gate_up = _gather_gemv(x_NH, w13_table, e_N)  # [N, 2F]
-        h_NF = torch.nn.functional.silu(gate_up[:, :F]) * gate_up[:, F:]
-        y_NH = _gather_gemv(h_NF, w2_table, e_N)
+        def gemm(a, table, w):
+            return _gather_gemv(a, table, e_N)
     else:
         ends_E = torch.cumsum(counts_E, 0).to(torch.int32)
-        gate_up = grouped(x_NH, w13_EFH.transpose(1, 2), offs=ends_E)  # [N, 2F]
-        h_NF = torch.nn.functional.silu(gate_up[:, :F]) * gate_up[:, F:]
-        y_NH = grouped(h_NF, w2_EHF.transpose(1, 2), offs=ends_E)
+
+        def gemm(a, table, w):
+            return grouped(a, w.transpose(1, 2), offs=ends_E)
+    gate_up = gemm(x_NH, w13_table, w13_EFH)  # [N, 2F]
+    if act.w13_bias is not None:
+        gate_up = gate_up + act.w13_bias[e_N]
+    y_NH = gemm(act.glu(gate_up, F), w2_table, w2_EHF)
+    if act.w2_bias is not None:
+        y_NH = y_NH + act.w2_bias[e_N]
     y_NH = y_NH.float() * weights_TK.reshape(-1)[slots_N][:, None]
     out_TH = torch.zeros((T, H), dtype=torch.float32, device=x_TH.device)
     out_TH.index_add_(0, slots_N // K, y_NH)
@@ -249,6 +295,16 @@ def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, T, H, top_k, expert_start, num_loc
              mask=t_ok_T[:, None] & h_ok_H[None, :])
 
 
+def _check_act(act: ExpertAct, w13_EFH, w2_EHF, dtype):
+    if act.kind not in ACTIVATIONS:
+        raise ValueError(f"activation {act.kind!r} is not one of {', '.join(ACTIVATIONS)}")
+    E, F2, H = w13_EFH.shape
+    for name, b, shape in (("w13_bias", act.w13_bias, (E, F2)), ("w2_bias", act.w2_bias, (E, H))):
+        if b is not None and (tuple(b.shape) != shape or b.dtype != dtype or b.device != w13_EFH.device):
+            raise ValueError(f"{name} must be [{shape[0]}, {shape[1]}] {dtype} on {w13_EFH.device}; got "
+                             f"{list(b.shape)} {b.dtype} on {b.device}")
+
+
 def _check(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start, num_local_experts):
     check_routed(x_TH, weights_TK, ids_TK)
     T, H = x_TH.shape
@@ -280,17 +336,21 @@ def _check(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start, num_local_ex
 def fused_moe(x_TH: torch.Tensor, w13_EFH: torch.Tensor, w2_EHF: torch.Tensor,
               weights_TK: torch.Tensor, ids_TK: torch.Tensor, *, expert_start: int = 0,
               num_local_experts: int | None = None, impl: str | None = None,
-              config: moe_config.MoeTileConfig | None = None) -> torch.Tensor:
+              config: moe_config.MoeTileConfig | None = None, act: ExpertAct = PLAIN) -> torch.Tensor:
     """out_TH (x's dtype) = sum over kept choices of weight * expert_e(x) (module docstring).
 
     w13_EFH [E_local, 2F, H], w2_EHF [E_local, H, F]: the experts expert_start ...
     expert_start + E_local - 1 (all experts when expert_start = 0 and E_local = E).
     ids_TK hold GLOBAL expert ids; ids outside the local range contribute nothing.
     config: tile override (the tuner uses it); None = moe_config.get_config.
+    act: the activation and expert biases (``ExpertAct``; default silu(gate) * up, no bias).
     """
     _check(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start, num_local_experts)
-    if resolve_impl(impl, x_TH.device) == "torch":
-        return torch_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start=expert_start)
+    _check_act(act, w13_EFH, w2_EHF, x_TH.dtype)
+    if resolve_impl(impl, x_TH.device) == "torch" or not act.plain:
+        if not act.plain and impl == "triton":
+            raise NotImplementedError("no Triton epilogue yet for expert biases / swiglu_oai")
+        return torch_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start=expert_start, act=act)
     T, H = x_TH.shape
     E, F = w13_EFH.shape[0], w13_EFH.shape[1] // 2
     top_k = ids_TK.shape[1]
