@@ -414,43 +414,78 @@ def measure(args, model: ModelConfig, layout: ParallelConfig, role: str, plan) -
 
 # ------------------------------------------------------------------ peers
 PEER_EPS = (1, 2, 4)
+AUTOEP_EPS = (1, 2, 4)
 
 
-def peers(args) -> list[dict]:
-    """DeepSpeed's MoE layer beside moerun's at EP 1/2/4 on gloo (scripts/peer_deepspeed.py)."""
-    try:
-        import deepspeed  # noqa: F401  (only to know it is there; the worker imports it)
-    except ImportError:
-        print("\n== 4. Peers: skipped: DeepSpeed is not installed (pip install -e \".[deepspeed]\") ==")
-        return []
-    rows = []
-    worker = Path(__file__).with_name("peer_deepspeed.py")
+def _peer_run(args, worker: Path, ep: int, extra: list[str]) -> dict:
+    """One torchrun of a peer worker with args.deepspeed_python; its JSON, or {"error": ...}."""
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "peer.json"
+        cmd = [args.deepspeed_python, "-m", "torch.distributed.run", f"--nproc_per_node={ep}",
+               f"--master_port={free_port()}", str(worker), *extra, str(out)]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                           env={**os.environ, "LOCAL_SIZE": str(ep), "OMP_NUM_THREADS": "1"})
+        if p.returncode != 0 or not out.exists():
+            err = [ln for ln in p.stderr.strip().splitlines() if "Error" in ln] or p.stderr.strip().splitlines()
+            return {"ep": ep, "error": err[-1] if err else "failed"}
+        return json.loads(out.read_text())
+
+
+def peers(args, model) -> dict:
+    """DeepSpeed beside moerun on gloo, with the Python that has DeepSpeed (--deepspeed-python):
+    its MoE layer beside moerun's at EP 1/2/4 (scripts/peer_deepspeed.py), and AutoEP end to
+    end on the built-in model's HF checkpoint (scripts/peer_autoep.py)."""
+    probe = subprocess.run([args.deepspeed_python, "-c", "import deepspeed, transformers; "
+                            "print(deepspeed.__version__, transformers.__version__)"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        print(f"\n== 4. Peers: skipped: {args.deepspeed_python} cannot import deepspeed and transformers "
+              "(pip install -e \".[deepspeed]\", or pass --deepspeed-python PATH) ==")
+        return {}
+    ds_version, tf_version = probe.stdout.strip().splitlines()[-1].split()  # importing deepspeed may print first
+    here = Path(__file__).parent
+    layer = []
     for ep in PEER_EPS:
         print(f"  running DeepSpeed and moerun MoE layers at EP={ep} ...", flush=True)
-        with tempfile.TemporaryDirectory() as d:
-            out = Path(d) / "peer.json"
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ep}",
-                   f"--master_port={free_port()}", str(worker), str(out), "--iters", "5" if args.quick else "20"]
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                               env={**os.environ, "LOCAL_SIZE": str(ep), "OMP_NUM_THREADS": "1"})
-            if p.returncode != 0 or not out.exists():
-                rows.append({"ep": ep, "error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else "failed"})
-                continue
-            rows.append(json.loads(out.read_text()))
-    good = [r for r in rows if "error" not in r]
-    print(f"\n== 4. Peers: DeepSpeed {good[0]['deepspeed_version'] if good else '?'} MoE layer beside moerun's, "
-          "same weights, same tokens, gloo ==")
+        layer.append(_peer_run(args, here / "peer_deepspeed.py", ep, ["--iters", "5" if args.quick else "20"]))
+    good = [r for r in layer if "error" not in r]
+    print(f"\n== 4. Peers: DeepSpeed {ds_version} MoE layer beside moerun's, same weights, same tokens, gloo ==")
     print(f"   {measured(1, note=': one process per EP rank x 1 thread')}; tiny preset's MoE shape "
           "(E=64, top-2, H=128, F=256), 64 tokens per rank, float32")
     print(table(["EP", "max |moerun - DeepSpeed|", "max |output|", "moerun ms", "DeepSpeed ms", "DeepSpeed / moerun"],
                 [[r["ep"], f"{r['max_abs_diff']:.2e}", f"{r['max_abs_output']:.3f}", f"{r['moerun_ms']:.2f}",
                   f"{r['deepspeed_ms']:.2f}", f"{r['deepspeed_ms'] / r['moerun_ms']:.2f}x"] if "error" not in r
-                 else [r["ep"], "ERROR: " + r["error"][:80], "", "", "", ""] for r in rows]))
+                 else [r["ep"], "ERROR: " + r["error"][:80], "", "", "", ""] for r in layer]))
     if good:
         print("conditions for DeepSpeed to compute the same function: " + "; ".join(good[0]["conditions"]))
     print("ms = median wall time of one forward of the layer on each rank (after a warm-up), median over ranks; "
-          "the rows share this machine's 2 cores.\nNot run: DeepSpeed AutoEP end to end on an HF checkpoint.")
-    return rows
+          "the rows share this machine's 2 cores.")
+
+    n_prompts, new_tokens = (4, 8) if args.quick else (8, 16)
+    autoep = []
+    with tempfile.TemporaryDirectory() as d:
+        save_checkpoint(model, d)  # the built-in model (tiny preset, --seed) as an HF checkpoint
+        for ep in AUTOEP_EPS:
+            print(f"  running DeepSpeed AutoEP at EP={ep} and moerun on the same checkpoint ...", flush=True)
+            autoep.append(_peer_run(args, here / "peer_autoep.py", ep,
+                                    [d, "--prompts", str(n_prompts), "--new-tokens", str(new_tokens),
+                                     "--seed", str(args.seed)]))
+    good = [r for r in autoep if "error" not in r]
+    print(f"\n== 4b. Peers: DeepSpeed {ds_version} AutoEP end to end (transformers {tf_version}) beside moerun, "
+          f"same HF checkpoint ({MODEL} preset, seed {args.seed}), greedy ==")
+    print(f"   {measured(1, note=': AutoEP one process per EP rank x 1 thread; moerun one process x 1 thread')}; "
+          f"{n_prompts} prompts x {new_tokens} new tokens, float32")
+    print(table(["EP", "identical greedy outputs", "AutoEP s", "moerun s (1 process)", "AutoEP / moerun"],
+                [[r["ep"], f"{r['same']}/{r['prompts']}", f"{r['autoep_s']:.2f}", f"{r['moerun_s']:.2f}",
+                  f"{r['autoep_s'] / r['moerun_s']:.2f}x"] if "error" not in r
+                 else [r["ep"], "ERROR: " + r["error"][:80], "", "", ""] for r in autoep]))
+    for r in good:
+        for note in r["notes"]:
+            print(f"   EP {r['ep']}: {note}")
+    if good:
+        print("conditions: " + "; ".join(good[0]["conditions"]))
+    print("s = wall seconds of one generate (AutoEP: the slowest rank's); the rows share this machine's 2 cores.")
+    return {"layer": layer, "autoep": autoep}
 
 
 def strategy_section(args) -> dict:
@@ -563,6 +598,9 @@ def parse_args(argv=None):
                                                   "measured vs projected per metric)")
     ap.add_argument("--seed", type=int, default=0, help="weights and prompts")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per torchrun run")
+    ap.add_argument("--deepspeed-python", default=sys.executable, metavar="PATH",
+                    help="peers section: the Python that has DeepSpeed and a transformers its AutoEP supports "
+                         "(default: this one; pip install -e \".[deepspeed]\" installs both)")
     args = ap.parse_args(argv)
     if args.gpus is not None and args.gpus < 1:
         ap.error(f"--gpus {args.gpus} must be >= 1")
@@ -583,7 +621,7 @@ def main(argv=None) -> int:
     report = {"date": str(datetime.date.today()), "cpu": cpu_model(), "cores": os.cpu_count(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick}
     failed, out = [], {"values": {}, "measured_as": {}}
-    if "offline" in args.sections or "pipeline" in args.sections:
+    if "offline" in args.sections or "pipeline" in args.sections or "peers" in args.sections:
         model = build_model(MODEL, dtype=torch.float32, device="cpu", seed=args.seed)
         print(f"model: {MODEL} preset ({model.cfg.num_params() / 1e6:.1f}M params, fp32, seed {args.seed})")
     if "offline" in args.sections:
@@ -614,8 +652,8 @@ def main(argv=None) -> int:
             plot_rows(st["rows"], st["title"], path)
             print(f"plot: {path}")
     if "peers" in args.sections:
-        report["peers"] = peers(args)
-        failed += [r for r in report["peers"] if "error" in r]
+        report["peers"] = peers(args, model)
+        failed += [r for part in report["peers"].values() for r in part if "error" in r]
     elapsed = time.perf_counter() - t_start
     print(f"\nbenchmark took {elapsed:.0f}s; load average at end {load_avg()}")
     if args.json:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from test_layouts import free_port
 
@@ -83,3 +84,36 @@ def test_deepspeed_moe_layer_computes_what_moerun_does(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     got = json.loads(out.read_text())
     assert got["max_abs_diff"] <= 1e-5 and got["max_abs_output"] > 0.1
+
+
+def _autoep_usable() -> str:
+    """Why AutoEP cannot run here ('' when it can): DeepSpeed missing, or a transformers whose
+    output-capture registry DeepSpeed 0.19.8's AutoEP does not understand (5.23 on)."""
+    try:
+        import deepspeed  # noqa: F401
+        from transformers.utils import output_capturing
+    except ImportError as e:
+        return f"needs deepspeed and transformers 5 ({e})"
+    if type(output_capturing._CAN_RECORD_REGISTRY) is not dict:
+        return "this transformers' output-capture registry is not a dict: AutoEP needs transformers < 5.23"
+    return ""
+
+
+@pytest.mark.skipif(bool(_autoep_usable()), reason=_autoep_usable() or "usable")
+def test_deepspeed_autoep_generates_what_moerun_does(tmp_path):
+    """AutoEP end to end at EP 2 on a small Mixtral checkpoint: every greedy output equals
+    moerun's (skips where DeepSpeed is not installed, as in CI)."""
+    from moerun.build import build_model
+    from moerun.config import ModelConfig
+    from moerun.weights import save_checkpoint
+    cfg = ModelConfig.load("tiny").replace(num_layers=2, moe_layers=(), sliding_windows=(), num_experts=8)
+    save_checkpoint(build_model("tiny", cfg=cfg, dtype=torch.float32, device="cpu", seed=3), tmp_path / "ckpt")
+    out = tmp_path / "autoep.json"
+    worker = Path(__file__).resolve().parents[1] / "scripts" / "peer_autoep.py"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={free_port()}", str(worker), str(tmp_path / "ckpt"), str(out),
+                        "--prompts", "4", "--new-tokens", "6"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(out.read_text())
+    assert got["ep"] == 2 and got["same"] == got["prompts"] == 4, got["notes"]
