@@ -90,7 +90,7 @@ def _autoep_usable() -> str:
     """Why AutoEP cannot run here ('' when it can): DeepSpeed missing, or a transformers whose
     output-capture registry DeepSpeed 0.19.8's AutoEP does not understand (5.23 on)."""
     try:
-        import deepspeed  # noqa: F401
+        import deepspeed  # noqa: F401  (only whether it is installed)
         from transformers.utils import output_capturing
     except ImportError as e:
         return f"needs deepspeed and transformers 5 ({e})"
