@@ -24,7 +24,10 @@ Pointer offsets are int64 wherever a row index multiplies a stride.
 
 Triton path: moe_align groups the slots by expert (padding never reaches the output: rows
 with the sentinel slot are masked), then three kernels: _gemm1_swiglu -> inter_SF,
-_gemm2_weighted -> y_SH, _topk_sum -> out_TH. Tiles come from moe_config.
+_gemm2_weighted -> y_SH, _topk_sum -> out_TH. Tiles come from moe_config. The variants are
+constexpr flags of the GEMM epilogues (HAS_BIAS, SWIGLU_OAI): GEMM1 adds the gate/up bias
+to its float32 accumulators before the activation, GEMM2 adds the down bias before the
+routing-weight multiply; without them the kernels compile to the plain SwiGLU's code.
 
 Shape legend: T = tokens, K = top-k, S = T*K slots, E = local experts, H = hidden,
 F = expert FFN width, M/N/Kb = tile rows / columns / reduction.
