@@ -152,6 +152,7 @@ def test_route_modes(seed, dtype, mode, T, E, k):
     (128, 1, 8, 3),
     (8, 2, 8, 3),     # one expert per group: a group's score is that expert's
     (64, 8, 4, 4),    # every group kept: the same as no groups
+    (16, 4, 1, 1),    # n_group = 1
 ])
 def test_route_group_limited(seed, dtype, renormalize, T, E, k, n_group, topk_group):
     opts = dict(scoring="sigmoid", renormalize=renormalize, scaling=2.5, num_groups=n_group,
