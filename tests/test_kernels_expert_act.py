@@ -7,6 +7,7 @@ Runs under the Triton interpreter when there is no GPU, on tiny shapes that are 
 multiples of the tiles. The clamp limit is small enough that the clamps engage (checked).
 Shape legend: T = tokens, E = experts, K = top-k, H = hidden, F = expert FFN width.
 """
+import importlib
 import random
 
 import pytest
@@ -172,3 +173,17 @@ def test_expert_act_bad_input(impl):
     for act, message in bad:
         with pytest.raises(ValueError, match=message):
             K.fused_moe(x_TH, w13, w2, weights_TK, ids_TK, impl=impl, act=act)
+
+
+@needs_triton
+def test_expert_act_runs_the_triton_kernels(seed, monkeypatch):
+    """Biases and swiglu_oai take the Triton path (impl="auto" on a GPU), not the torch one."""
+    fm = importlib.import_module("moerun.kernels.fused_moe")
+
+    def torch_path(*args, **kwargs):
+        raise AssertionError("the torch path ran")
+
+    monkeypatch.setattr(fm, "torch_fused_moe", torch_path)
+    x_TH, w13, w2, weights_TK, ids_TK, act = make_case(5, 4, 2, 40, 24, torch.float32, "swiglu_oai", ("w13", "w2"))
+    out = K.fused_moe(x_TH, w13, w2, weights_TK, ids_TK, act=act, impl="auto" if DEVICE == "cuda" else "triton")
+    assert_near(out, moe_float64(x_TH, w13, w2, weights_TK, ids_TK, act)[0], TOL_F64[torch.float32], "triton", seed)

@@ -11,6 +11,7 @@ within 1e-5 relative: a near-tie, which float32 and float64 may order differentl
 drawn again; exact ties and their rule (the lower expert / group id) have their own test.
 Shape legend: T = tokens, E = experts, K = top-k, G = groups.
 """
+import importlib
 import math
 import random
 
@@ -251,3 +252,21 @@ def test_route_bad_input(impl):
         K.route(x[0], 2, impl=impl)
     with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
         K.route(x.double(), 2, impl=impl)
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", ["sigmoid_bias_renorm_scaled", "topk_softmax", "softmax_renorm_scaled"])
+def test_route_runs_the_triton_kernel(seed, mode, monkeypatch):
+    """Every mode takes the Triton path (impl="auto" on a GPU), not the torch reference."""
+    router = importlib.import_module("moerun.kernels.router")
+
+    def reference(*args, **kwargs):
+        raise AssertionError("the torch reference ran")
+
+    opts = with_bias(MODES[mode], 16)
+    logits_TE = draw_logits(5, 16, 4, torch.float32, **opts)
+    want = K.reference_route(logits_TE, 4, **opts)
+    monkeypatch.setattr(router, "reference_route", reference)
+    got = K.route(logits_TE, 4, impl="auto" if DEVICE == "cuda" else "triton", **opts)
+    assert torch.equal(got[1], want[1]), f"seed={seed}"
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
