@@ -11,7 +11,7 @@ Every kernel takes ``impl=None | "auto" | "triton" | "torch"``; None follows
 the Triton kernels on CPU, set ``TRITON_INTERPRET=1`` before triton is first imported and
 pass ``impl="triton"``.
 
-Files: router.py (topk_softmax), align.py (moe_align), fused_moe.py (fused_moe and the
+Files: router.py (route: every family's router; topk_softmax), align.py (moe_align), fused_moe.py (fused_moe and the
 per-expert loop baseline), dispatch.py (dispatch / combine around the EP all-to-all),
 moe_config.py (tuned tiles in configs/), _common.py (triton guard, impl choice).
 """

@@ -24,7 +24,10 @@ Pointer offsets are int64 wherever a row index multiplies a stride.
 
 Triton path: moe_align groups the slots by expert (padding never reaches the output: rows
 with the sentinel slot are masked), then three kernels: _gemm1_swiglu -> inter_SF,
-_gemm2_weighted -> y_SH, _topk_sum -> out_TH. Tiles come from moe_config.
+_gemm2_weighted -> y_SH, _topk_sum -> out_TH. Tiles come from moe_config. The variants are
+constexpr flags of the GEMM epilogues (HAS_BIAS, SWIGLU_OAI): GEMM1 adds the gate/up bias
+to its float32 accumulators before the activation, GEMM2 adds the down bias before the
+routing-weight multiply; without them the kernels compile to the plain SwiGLU's code.
 
 Shape legend: T = tokens, K = top-k, S = T*K slots, E = local experts, H = hidden,
 F = expert FFN width, M/N/Kb = tile rows / columns / reduction.
@@ -207,11 +210,13 @@ def _block_ids(num_blocks_m, num_blocks_n, GROUP_M: tl.constexpr):
 
 
 @jit
-def _gemm1_swiglu_kernel(x_ptr, w13_ptr, inter_ptr, sorted_ptr, block_expert_ptr,
+def _gemm1_swiglu_kernel(x_ptr, w13_ptr, inter_ptr, sorted_ptr, block_expert_ptr, b13_ptr,
                          num_blocks_m, S, top_k, F, H,
-                         stride_xt, stride_xh, stride_we, stride_wn, stride_wh, stride_is,
+                         stride_xt, stride_xh, stride_we, stride_wn, stride_wh, stride_is, stride_be,
+                         alpha, limit,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         GROUP_M: tl.constexpr, IEEE_F32: tl.constexpr, ROUND_BF16: tl.constexpr):
+                         GROUP_M: tl.constexpr, IEEE_F32: tl.constexpr, ROUND_BF16: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, SWIGLU_OAI: tl.constexpr):
     pid_m, pid_n = _block_ids(num_blocks_m, tl.cdiv(F, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if expert < 0:
@@ -237,19 +242,28 @@ def _gemm1_swiglu_kernel(x_ptr, w13_ptr, inter_ptr, sorted_ptr, block_expert_ptr
         x_ptrs += BLOCK_K * stride_xh
         gate_ptrs += BLOCK_K * stride_wh
         up_ptrs += BLOCK_K * stride_wh
-    h_MN = gate_MN / (1.0 + tl.exp(-gate_MN)) * up_MN  # SwiGLU: silu(gate) * up
+    if HAS_BIAS:  # b13[expert] = [gate bias (F); up bias (F)], added before the activation
+        b_ptrs = b13_ptr + expert * stride_be + n_N
+        gate_MN += tl.load(b_ptrs, mask=n_ok_N, other=0.0).to(tl.float32)[None, :]
+        up_MN += tl.load(b_ptrs + F, mask=n_ok_N, other=0.0).to(tl.float32)[None, :]
+    if SWIGLU_OAI:  # GPT-OSS: clamped gate and up, gate * sigmoid(alpha * gate) * (up + 1)
+        gate_MN = tl.minimum(gate_MN, limit)
+        up_MN = tl.minimum(tl.maximum(up_MN, -limit), limit)
+        h_MN = gate_MN / (1.0 + tl.exp(-alpha * gate_MN)) * (up_MN + 1.0)
+    else:
+        h_MN = gate_MN / (1.0 + tl.exp(-gate_MN)) * up_MN  # SwiGLU: silu(gate) * up
     out_ptrs = inter_ptr + slot_M[:, None] * stride_is + n_N[None, :]
     tl.store(out_ptrs, pre_round_bf16(h_MN, ROUND_BF16).to(inter_ptr.dtype.element_ty),
              mask=row_ok_M[:, None] & n_ok_N[None, :])
 
 
 @jit
-def _gemm2_weighted_kernel(inter_ptr, w2_ptr, y_ptr, weights_ptr, sorted_ptr, block_expert_ptr,
+def _gemm2_weighted_kernel(inter_ptr, w2_ptr, y_ptr, weights_ptr, sorted_ptr, block_expert_ptr, b2_ptr,
                            num_blocks_m, S, F, H,
-                           stride_is, stride_we, stride_wh, stride_wf, stride_ys,
+                           stride_is, stride_we, stride_wh, stride_wf, stride_ys, stride_be,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            GROUP_M: tl.constexpr, IEEE_F32: tl.constexpr,
-                           ROUND_BF16: tl.constexpr):
+                           ROUND_BF16: tl.constexpr, HAS_BIAS: tl.constexpr):
     pid_m, pid_n = _block_ids(num_blocks_m, tl.cdiv(H, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if expert < 0:
@@ -270,6 +284,8 @@ def _gemm2_weighted_kernel(inter_ptr, w2_ptr, y_ptr, weights_ptr, sorted_ptr, bl
         acc_MN = _dot(a_MK, b_KN, acc_MN, IEEE_F32)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_wf
+    if HAS_BIAS:  # the down bias belongs to the expert's output: weighted with it below
+        acc_MN += tl.load(b2_ptr + expert * stride_be + n_N, mask=n_ok_N, other=0.0).to(tl.float32)[None, :]
     w_M = tl.load(weights_ptr + slot_M, mask=row_ok_M, other=0.0).to(tl.float32)
     tl.store(y_ptr + slot_M[:, None] * stride_ys + n_N[None, :], acc_MN * w_M[:, None],
              mask=row_ok_M[:, None] & n_ok_N[None, :])
@@ -293,6 +309,13 @@ def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, T, H, top_k, expert_start, num_loc
     tl.store(out_ptr + t_T.to(tl.int64)[:, None] * stride_ot + h_H[None, :],
              pre_round_bf16(acc_TH, ROUND_BF16).to(out_ptr.dtype.element_ty),
              mask=t_ok_T[:, None] & h_ok_H[None, :])
+
+
+def _bias_rows(bias_EN):
+    """A bias [E, N] with unit column stride (what the epilogues index), or None."""
+    if bias_EN is None or bias_EN.stride(1) == 1:
+        return bias_EN
+    return bias_EN.contiguous()
 
 
 def _check_act(act: ExpertAct, w13_EFH, w2_EHF, dtype):
@@ -347,9 +370,7 @@ def fused_moe(x_TH: torch.Tensor, w13_EFH: torch.Tensor, w2_EHF: torch.Tensor,
     """
     _check(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start, num_local_experts)
     _check_act(act, w13_EFH, w2_EHF, x_TH.dtype)
-    if resolve_impl(impl, x_TH.device) == "torch" or not act.plain:
-        if not act.plain and impl == "triton":
-            raise NotImplementedError("no Triton epilogue yet for expert biases / swiglu_oai")
+    if resolve_impl(impl, x_TH.device) == "torch":
         return torch_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start=expert_start, act=act)
     T, H = x_TH.shape
     E, F = w13_EFH.shape[0], w13_EFH.shape[1] // 2
@@ -374,16 +395,22 @@ def fused_moe(x_TH: torch.Tensor, w13_EFH: torch.Tensor, w2_EHF: torch.Tensor,
     tiles = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
                  GROUP_M=cfg.GROUP_M, IEEE_F32=ieee, ROUND_BF16=round_bf16_by_hand(x_TH.dtype),
                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    # The epilogue variants are constexpr flags: the plain SwiGLU compiles to the same code
+    # with or without them; a missing bias passes the weights as a never-read pointer.
+    b13, b2 = _bias_rows(act.w13_bias), _bias_rows(act.w2_bias)
     grid1 = (num_blocks_m * triton.cdiv(F, cfg.BLOCK_N),)
     _gemm1_swiglu_kernel[grid1](
-        x_TH, w13_EFH, inter_SF, sorted_slots, block_expert, num_blocks_m, S, top_k, F, H,
+        x_TH, w13_EFH, inter_SF, sorted_slots, block_expert, w13_EFH if b13 is None else b13,
+        num_blocks_m, S, top_k, F, H,
         x_TH.stride(0), x_TH.stride(1), w13_EFH.stride(0), w13_EFH.stride(1), w13_EFH.stride(2),
-        inter_SF.stride(0), **tiles)
+        inter_SF.stride(0), 0 if b13 is None else b13.stride(0), float(act.alpha), float(act.limit),
+        HAS_BIAS=b13 is not None, SWIGLU_OAI=act.kind == "swiglu_oai", **tiles)
     grid2 = (num_blocks_m * triton.cdiv(H, cfg.BLOCK_N),)
     _gemm2_weighted_kernel[grid2](
-        inter_SF, w2_EHF, y_SH, weights_S, sorted_slots, block_expert, num_blocks_m, S, F, H,
+        inter_SF, w2_EHF, y_SH, weights_S, sorted_slots, block_expert, w2_EHF if b2 is None else b2,
+        num_blocks_m, S, F, H,
         inter_SF.stride(0), w2_EHF.stride(0), w2_EHF.stride(1), w2_EHF.stride(2),
-        y_SH.stride(0), **tiles)
+        y_SH.stride(0), 0 if b2 is None else b2.stride(0), HAS_BIAS=b2 is not None, **tiles)
     BLOCK_T, BLOCK_H = 4, min(1024, triton.next_power_of_2(H))
     grid3 = (triton.cdiv(T, BLOCK_T), triton.cdiv(H, BLOCK_H))
     _topk_sum_kernel[grid3](y_SH, ids_S, out_TH, T, H, top_k, expert_start, E,

@@ -3,6 +3,7 @@
     python scripts/bench_kernels.py            # seed-30b expert shapes, T = 1 .. 16384
     python scripts/bench_kernels.py --quick    # a few token counts, EP 1 and 8
     python scripts/bench_kernels.py --cpu      # the CPU table (also what runs without a GPU)
+    python scripts/bench_kernels.py --router   # route()'s modes, Triton vs torch (GPU only)
 
 CPU (no CUDA GPU, or --cpu): the torch paths of ``fused_moe`` in float32 on the ``tiny``
 preset's expert shapes (E = 64, H = 128, F = 256, top-2): the per-expert loop,
@@ -23,6 +24,12 @@ copy peak (a big device-to-device copy) measured the same way. FLOPs count the l
 only (6 * H * F per slot); bytes are the minimum moved: the weights of the experts that got
 a slot, the gathered activations, the intermediate and the output.
 
+Router (--router, GPU only; without one it prints that nothing was measured): ``route`` in
+each family's mode on its expert count (softmax E=128 top-8 renormalised; sigmoid + bias
+E=160 top-8 scaled; group-limited sigmoid E=256, 8 groups keep 4, top-8; top-k-then-softmax
+E=128 top-4), float32 logits, Triton against the torch reference, CUDA events (median of
+--iters), with the bytes read and written (logits, bias, weights, ids) per second.
+
 Shape legend: T = tokens, E = experts, K = top-k, H = hidden, F = expert FFN width.
 """
 from __future__ import annotations
@@ -37,10 +44,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 try:
-    from moerun.kernels import fused_moe, reference_moe_loop
+    from moerun.kernels import fused_moe, reference_moe_loop, route
     from moerun.kernels.fused_moe import torch_fused_moe
 except ImportError:  # run from a checkout without `pip install -e .`
-    from kernels import fused_moe, reference_moe_loop
+    from kernels import fused_moe, reference_moe_loop, route
     from kernels.fused_moe import torch_fused_moe
 
 
@@ -147,6 +154,47 @@ def cpu_main(args) -> int:
     return 0
 
 
+# (label, E, k, route options): each family's router as the model calls it
+ROUTER_MODES = [
+    ("softmax renorm (Qwen3-MoE)", 128, 8, dict(scoring="softmax", renormalize=True)),
+    ("sigmoid+bias scaled (GLM-4.5)", 160, 8, dict(scoring="sigmoid", renormalize=True, scaling=2.5, bias=True)),
+    ("sigmoid groups 8/4 (DeepSeek-V3)", 256, 8, dict(scoring="sigmoid", renormalize=True, scaling=2.5,
+                                                      bias=True, num_groups=8, topk_groups=4)),
+    ("topk_softmax (GPT-OSS)", 128, 4, dict(scoring="topk_softmax")),
+]
+
+
+def router_main(args) -> int:
+    """The router table (module docstring); GPU only."""
+    if not torch.cuda.is_available():
+        print("# no CUDA GPU visible: the router table was not measured (it needs a GPU)")
+        return 0
+    tokens = args.tokens or ([1, 64, 1024, 8192] if args.quick else [1, 16, 128, 1024, 4096, 16384])
+    iters = 5 if args.quick else args.iters
+    name = torch.cuda.get_device_name()
+    print(f"# route(), measured on {name}, {datetime.date.today()}, torch {torch.__version__}; float32 logits")
+    cols = ("mode", "E", "K", "T", "impl", "us", "GB/s", "ids equal", "max_abs_err")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for label, E, k, opts in ROUTER_MODES:
+        opts = dict(opts)
+        if opts.pop("bias", False):
+            opts["bias_E"] = 0.1 * torch.randn(E, device="cuda")
+        for T in tokens:
+            logits_TE = 2 * torch.randn(T, E, device="cuda")
+            nbytes = T * E * 4 + T * k * 8 + (E * 4 if "bias_E" in opts else 0)
+            w_ref, ids_ref = route(logits_TE, k, impl="torch", **opts)
+            for impl in ("triton", "torch"):
+                ms = time_ms(lambda: route(logits_TE, k, impl=impl, **opts), iters)
+                w, ids = route(logits_TE, k, impl=impl, **opts)
+                same = float((ids == ids_ref).all(1).float().mean())
+                print(f"| {label} | {E} | {k} | {T} | {impl} | {ms * 1e3:.1f} | {nbytes / ms / 1e6:.1f} | "
+                      f"{100 * same:.2f}% | {(w - w_ref).abs().max().item():.1e} |")
+    print(f"# all figures measured on {name}; ids equal / max_abs_err are vs the torch reference "
+          "(rows whose choice is a float32 near-tie may differ)")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="T in {1, 64, 1024, 8192}, EP 1 and 8")
@@ -155,7 +203,10 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-loop", action="store_true", help="skip the per-expert loop baseline")
     p.add_argument("--cpu", action="store_true", help="the CPU table even when a GPU is visible")
+    p.add_argument("--router", action="store_true", help="the router table (route() modes; GPU only)")
     args = p.parse_args(argv)
+    if args.router:
+        return router_main(args)
     if args.cpu or not torch.cuda.is_available():
         if not args.cpu:
             print("# no CUDA GPU visible: the GPU table was not measured; running the CPU table")

@@ -35,6 +35,8 @@ def compile_all() -> None:
         for i, name in enumerate(fn.arg_names):
             if name in constexprs:
                 sig[name] = "constexpr"
+            elif name in ("alpha", "limit", "scaling"):
+                sig[name] = "fp32"
             elif name.endswith("_ptr"):
                 sig[name] = "*" + ptrs.get(name, "i32")
                 attrs[(i,)] = [["tt.divisibility", 16]]
@@ -46,8 +48,10 @@ def compile_all() -> None:
                                 options=dict(num_warps=num_warps, num_stages=num_stages))
         assert kernel.metadata.shared <= SM90_SHARED_BYTES, (fn.__name__, constexprs)
 
-    build(mods["router"]._topk_softmax_kernel, {"logits_ptr": "bf16", "weights_ptr": "fp32"},
-          dict(RENORMALIZE=True, BLOCK_T=64, BLOCK_E=64))
+    for scoring, bias, grouped in ((0, False, False), (1, True, True), (1, False, False), (2, False, False)):
+        build(mods["router"]._route_kernel, {"logits_ptr": "bf16", "bias_ptr": "fp32", "weights_ptr": "fp32"},
+              dict(SCORING=scoring, HAS_BIAS=bias, GROUPED=grouped, RENORMALIZE=True,
+                   BLOCK_T=16, BLOCK_E=256, BLOCK_K=8))
     build(mods["align"]._count_kernel, {}, dict(BLOCK_S=128, BLOCK_E=64))
     build(mods["align"]._scan_kernel, {}, dict(BLOCK_E=64, BLOCK_B=64))
     build(mods["align"]._scatter_kernel, {"ids_ptr": "i64"}, dict(BLOCK_S=128))
@@ -59,11 +63,14 @@ def compile_all() -> None:
                          GROUP_M=cfg.GROUP_M, IEEE_F32=dtype == torch.float32,
                          ROUND_BF16=False, stride_xh=1, stride_wh=1, stride_wf=1)
             run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            build(fm._gemm1_swiglu_kernel, {"x_ptr": dt, "w13_ptr": dt, "inter_ptr": dt},
-                  {k: v for k, v in tiles.items() if k != "stride_wf"}, **run)
-            build(fm._gemm2_weighted_kernel, {"inter_ptr": dt, "w2_ptr": dt, "y_ptr": "fp32",
-                                              "weights_ptr": "fp32"},
-                  {k: v for k, v in tiles.items() if k not in ("stride_xh", "stride_wh")}, **run)
+            for bias, oai in ((False, False), (True, True)):  # plain, and the GPT-OSS epilogues
+                build(fm._gemm1_swiglu_kernel, {"x_ptr": dt, "w13_ptr": dt, "inter_ptr": dt, "b13_ptr": dt},
+                      {**{k: v for k, v in tiles.items() if k != "stride_wf"}, "HAS_BIAS": bias,
+                       "SWIGLU_OAI": oai}, **run)
+                build(fm._gemm2_weighted_kernel, {"inter_ptr": dt, "w2_ptr": dt, "y_ptr": "fp32",
+                                                  "weights_ptr": "fp32", "b2_ptr": dt},
+                      {**{k: v for k, v in tiles.items() if k not in ("stride_xh", "stride_wh")},
+                       "HAS_BIAS": bias}, **run)
         build(fm._topk_sum_kernel, {"y_ptr": "fp32", "out_ptr": dt},
               dict(BLOCK_T=4, BLOCK_H=1024, ROUND_BF16=False))
         build(dp._pack_kernel, {"x_ptr": dt, "send_ptr": dt}, dict(BLOCK_R=16, BLOCK_H=1024))
