@@ -16,7 +16,7 @@ import torch
 from kernel_env import DEVICE, needs_triton
 
 import moerun.kernels as K
-from moerun.kernels import _common, moe_config
+from moerun.kernels import _common, align, moe_config
 # Each test runs the Triton kernel and, for the checks that need no triton, the reference.
 IMPLS = [pytest.param("triton", marks=needs_triton), "torch"]
 
@@ -105,7 +105,12 @@ def check_align_invariants(ids_TK, block_m, start, num_local, out, seed):
                                           (7, 5, 5, ()), (150, 6, 2, (0, 5))])
 @pytest.mark.parametrize("block_m", [1, 4, 16])
 @pytest.mark.parametrize("local", [None, (2, 3)])
-def test_moe_align(seed, impl, T, E, k, unused, block_m, local):
+@pytest.mark.parametrize("launches", ["one", "three"])
+def test_moe_align(seed, monkeypatch, impl, T, E, k, unused, block_m, local, launches):
+    if launches == "three":  # the multi-kernel path, which larger slot counts take
+        if impl == "torch":
+            pytest.skip("the torch path has one implementation")
+        monkeypatch.setattr(align, "ONE_LAUNCH_MAX_SLOTS", 0)
     _, ids_TK = routing(T, E, k, unused)
     start, num_local = local if local else (0, E)
     if local and E < 5:
@@ -117,6 +122,34 @@ def test_moe_align(seed, impl, T, E, k, unused, block_m, local):
     for a, b in zip(out, ref):
         assert a.dtype == torch.int32 and torch.equal(a, b), f"seed={seed}"
     check_align_invariants(ids_TK, block_m, start, num_local, out, seed)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="stress test of the compiled kernels: needs a GPU "
+                    "(the interpreter runs one thread per program and cannot show races)")
+@pytest.mark.parametrize("launches", ["one", "three"])
+def test_moe_align_stress_gpu(seed, monkeypatch, launches):
+    """Thousands of random routings, small and large, against the reference bit for bit:
+    a missing barrier shows up as a slot in the wrong expert's block."""
+    if launches == "three":
+        monkeypatch.setattr(align, "ONE_LAUNCH_MAX_SLOTS", 0)
+    gen = random.Random(seed)
+    for trial in range(3000):
+        T = gen.choice([1, 2, 3, 8, 17, 64, 100, 256, 511, 700, 2048])
+        E = gen.choice([1, 4, 8, 16, 60, 64, 128, 256])
+        k = gen.randint(1, min(E, 8))
+        block_m = gen.choice([1, 16, 32, 64, 128])
+        start = gen.randrange(E)
+        num_local = gen.randint(1, E - start)
+        _, ids_TK = routing(T, E, k)
+        if gen.random() < 0.3:  # skewed: most slots on a few experts (long per-expert runs)
+            ids_TK = torch.randint(0, max(1, E // 8), (T, k), device=DEVICE, dtype=torch.int32)
+        out = K.moe_align(ids_TK, E, block_m, expert_start=start, num_local_experts=num_local,
+                          impl="triton")
+        ref = K.reference_moe_align(ids_TK, E, block_m, expert_start=start,
+                                    num_local_experts=num_local)
+        for a, b in zip(out, ref):
+            assert torch.equal(a, b), (f"seed={seed} trial={trial} T={T} E={E} k={k} "
+                                       f"block_m={block_m} local=[{start}, {start + num_local})")
 
 
 # ---------------------------------------------------------------- dispatch / combine

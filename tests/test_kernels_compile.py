@@ -50,6 +50,7 @@ def compile_all() -> None:
           dict(RENORMALIZE=True, BLOCK_T=64, BLOCK_E=64))
     build(mods["align"]._count_kernel, {}, dict(BLOCK_S=128, BLOCK_E=64))
     build(mods["align"]._scan_kernel, {}, dict(BLOCK_E=64, BLOCK_B=64))
+    build(mods["align"]._align_one_launch_kernel, {}, dict(BLOCK_S=128, BLOCK_E=64, BLOCK_B=64))
     build(mods["align"]._scatter_kernel, {"ids_ptr": "i64"}, dict(BLOCK_S=128))
     fm, dp = mods["fused_moe"], mods["dispatch"]
     for dtype, dt in tl_name.items():
