@@ -100,16 +100,15 @@ def check_align_invariants(ids_TK, block_m, start, num_local, out, seed):
     assert n == int(((counts + block_m - 1) // block_m * block_m).sum()), f"seed={seed}"
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl,launches", [  # "three": the kernels larger slot counts take
+    pytest.param("triton", "one", marks=needs_triton),
+    pytest.param("triton", "three", marks=needs_triton), ("torch", "-")])
 @pytest.mark.parametrize("T,E,k,unused", [(0, 4, 2, ()), (1, 8, 2, ()), (33, 8, 2, (3,)),
                                           (7, 5, 5, ()), (150, 6, 2, (0, 5))])
 @pytest.mark.parametrize("block_m", [1, 4, 16])
 @pytest.mark.parametrize("local", [None, (2, 3)])
-@pytest.mark.parametrize("launches", ["one", "three"])
-def test_moe_align(seed, monkeypatch, impl, T, E, k, unused, block_m, local, launches):
-    if launches == "three":  # the multi-kernel path, which larger slot counts take
-        if impl == "torch":
-            pytest.skip("the torch path has one implementation")
+def test_moe_align(seed, monkeypatch, impl, launches, T, E, k, unused, block_m, local):
+    if launches == "three":
         monkeypatch.setattr(align, "ONE_LAUNCH_MAX_SLOTS", 0)
     _, ids_TK = routing(T, E, k, unused)
     start, num_local = local if local else (0, E)
@@ -230,6 +229,24 @@ def test_tile_configs(tmp_path):
         K.MoeTileConfig(BLOCK_M=24, BLOCK_N=32, BLOCK_K=32)
     cfg = moe_config.get_config(8, 2, 4, 8, 16, torch.bfloat16, torch.device("cpu"), True)
     assert cfg.BLOCK_M == 16
+    # GEMM2's own tiles: saved nested, loaded back equal, BLOCK_M shared with GEMM1
+    two = K.MoeTileConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, gemm2=K.MoeTileConfig(
+        BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_stages=5, SPLIT_K=4))
+    moe_config.save_configs(path, {1: two, 256: big})
+    table = moe_config._load(path)
+    assert table[1] == two and table[1].for_gemm2().SPLIT_K == 4 and table[256].for_gemm2() == big
+    with pytest.raises(ValueError, match="BLOCK_M=16"):
+        K.MoeTileConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, gemm2=big)
+    with pytest.raises(ValueError, match="SPLIT_K belongs"):
+        K.MoeTileConfig(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, gemm2=big)
+    # untuned decode tiles on a GPU: GEMM2 narrow, deeper, split until ~2 programs per SM
+    dec = moe_config.default_config(1, 2, 64, torch.bfloat16, False, F=9472, H=1024, num_sms=132)
+    g2 = dec.for_gemm2()
+    assert g2.BLOCK_N == 32 and g2.num_stages > dec.num_stages and g2.SPLIT_K > 1
+    programs = min(1 * 2, 64) * (1024 // g2.BLOCK_N) * g2.SPLIT_K
+    assert 2 * 132 <= programs < 4 * 132
+    assert moe_config.default_config(1, 2, 64, torch.bfloat16, False, F=64, H=1024,
+                                     num_sms=132).for_gemm2().SPLIT_K == 1  # F too short
 
 
 # ---------------------------------------------------------------- bad input

@@ -121,6 +121,20 @@ def test_fused_moe_strided_weights_and_tiles(seed):
     run_and_check(seed, (x_wide, w13_t, w2, weights_TK, ids_TK), dtype, config=cfg)
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,F,split", [(1, 72, 3), (5, 40, 4), (30, 24, 2)])
+def test_fused_moe_gemm2_tiles_and_split_k(seed, dtype, T, F, split):
+    """GEMM2 with tiles of its own and its F reduction split (F = 40, split 4 at
+    BLOCK_K = 16 leaves the last split empty: it must write zeros, not garbage)."""
+    gemm2 = K.MoeTileConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_stages=1, SPLIT_K=split)
+    cfg = K.MoeTileConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_stages=1, gemm2=gemm2)
+    run_and_check(seed, make_case(T, 6, 2, 40, F, dtype), dtype, config=cfg)
+    # no gemm2 tiles: SPLIT_K of the one config applies to GEMM2
+    one = K.MoeTileConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_stages=1, SPLIT_K=split)
+    run_and_check(seed, make_case(T, 6, 2, 40, F, dtype), dtype, config=one)
+
+
 @pytest.mark.parametrize("impl", [pytest.param("triton", marks=needs_triton), "torch"])
 def test_expert_parallel_round_trip(seed, impl):
     """dispatch -> all-to-all -> fused_moe on the received rows -> back -> combine, with the

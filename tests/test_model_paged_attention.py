@@ -1,6 +1,7 @@
 """The model with the Triton kernels (paged attention included) equals transformers and the
-CPU path: a chunked prefill of two sequences, then decode steps of both in one batch, with
-their blocks scattered over the cache. Runs under the Triton interpreter on CPU:
+PyTorch path (SDPA over gathered blocks): a chunked prefill of two sequences, then decode
+steps of both in one batch, with their blocks scattered over the cache. Runs under the
+Triton interpreter on CPU, compiled on a GPU:
 
     python -m pytest tests/test_model_paged_attention.py -q
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_env import needs_triton
+from kernel_env import DEVICE, needs_triton
 
 import moerun.kernels as K
 from moerun.build import build_model, forward_logits
@@ -25,8 +26,8 @@ def run_steps(model, seqs, tables, plan, block_size):
     with torch.no_grad():
         for lens in plan:
             ids = torch.tensor([t for s, d, n in zip(seqs, done, lens) for t in s[d:d + n]])
-            meta = AttnMeta.build(tables, list(done), list(lens), block_size, "cpu")
-            logits = model(ids, meta.pos_T, meta, cache)
+            meta = AttnMeta.build(tables, list(done), list(lens), block_size, DEVICE)
+            logits = model(ids.to(DEVICE), meta.pos_T, meta, cache).cpu()
             row = 0
             for b, n in enumerate(lens):
                 out[b].append(logits[row:row + n])
@@ -39,7 +40,7 @@ def run_steps(model, seqs, tables, plan, block_size):
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])  # sliding window 6; GQA, D = 24
 def test_model_with_paged_attention_kernel(family, hf_checkpoint, monkeypatch):
     path, hf = hf_checkpoint(family)
-    model = build_model(str(path))
+    model = build_model(str(path), dtype="float32", device=DEVICE)
     vocab = model.cfg.vocab_size
     seqs = [torch.randint(0, vocab, (11,)).tolist(), torch.randint(0, vocab, (7,)).tolist()]
     tables = [[9, 2, 5], [0, 7, 11]]  # scattered, not from 0
@@ -54,9 +55,13 @@ def test_model_with_paged_attention_kernel(family, hf_checkpoint, monkeypatch):
     finally:
         K.set_default_impl("auto")
     assert len(calls) == len(plan) * model.cfg.num_layers  # every layer took the kernel
-    cpu_path = run_steps(model, seqs, tables, plan, block_size)
-    assert len(calls) == len(plan) * model.cfg.num_layers  # the CPU path does not
-    full = forward_logits(model, [s[:len(o)] for s, o in zip(seqs, ours)])
+    try:
+        K.set_default_impl("torch")
+        cpu_path = run_steps(model, seqs, tables, plan, block_size)
+        assert len(calls) == len(plan) * model.cfg.num_layers  # the PyTorch path does not
+        full = [f.cpu() for f in forward_logits(model, [s[:len(o)] for s, o in zip(seqs, ours)])]
+    finally:
+        K.set_default_impl("auto")
     with torch.no_grad():
         refs = [hf(torch.tensor([s[:len(o)]])).logits[0] for s, o in zip(seqs, ours)]
     for o, c, f, r in zip(ours, cpu_path, full, refs):
