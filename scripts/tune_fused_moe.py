@@ -42,20 +42,21 @@ def _fits(m: int, n: int, kb: int, stages: int, b_tiles: int, elt: int = 2) -> b
     return stages * (m * kb + b_tiles * kb * n) * elt <= SHARED_BYTES
 
 
-def block_ms(num_tokens: int, top_k: int, E: int):
+def block_ms(num_tokens: int, top_k: int, E: int, grid: str):
     rows_per_expert = max(1, num_tokens * top_k // E)
-    return [m for m in (16, 32, 64, 128) if m <= max(16, 2 * rows_per_expert)]
+    ms = [m for m in (16, 32, 64, 128) if m <= max(16, 2 * rows_per_expert)]
+    return ms[-2:] if grid == "quick" else ms
 
 
 def gemm1_candidates(num_tokens: int, top_k: int, E: int, grid: str):
     """GEMM1 tiles; GEMM2 rides on fixed tiles of the same BLOCK_M while these are timed."""
     decode = num_tokens * top_k <= 4 * E
     if grid == "quick":
-        space = ((64, 128), (64, 128), (1,) if decode else (8,), (4,), (3, 4))
+        space = ((64, 128), (64, 128), (1,) if decode else (8,), (4,), (3,))
     else:
         space = ((32, 64, 128, 256), (32, 64, 128, 256), (1,) if decode else (1, 4, 8, 16),
                  (4, 8), (2, 3, 4, 5))
-    for m in block_ms(num_tokens, top_k, E):
+    for m in block_ms(num_tokens, top_k, E, grid):
         for n, kb, g, w, s in itertools.product(*space):
             if _fits(m, n, kb, s, 2):
                 fixed2 = MoeTileConfig(BLOCK_M=m, BLOCK_N=64, BLOCK_K=64, num_stages=3)
@@ -71,7 +72,8 @@ def gemm2_candidates(best1: MoeTileConfig, num_tokens: int, top_k: int, E: int, 
     decode = num_tokens * top_k <= 4 * E
     splits = ((1, 2, 4, 8) + (() if grid == "quick" else (16,))) if decode else (1, 2)
     if grid == "quick":
-        space = ((32, 64, 128), (64, 128), (1,) if decode else (8,), (4,), (3, 5))
+        splits = splits if decode else (1,)
+        space = ((32, 64, 128), (128,), (1,) if decode else (8,), (4,), (4,))
     else:
         space = ((16, 32, 64, 128, 256), (32, 64, 128, 256), (1,) if decode else (1, 4, 8, 16),
                  (4, 8), (2, 3, 4, 5, 6))
