@@ -26,12 +26,21 @@ BLOCK_N steps (lo = 0, or the window's start), gathering each key's block from t
 table, with an online softmax. Tiles past a sequence's tokens return at once, so
 ``max_q`` (the grid) may exceed every sequence's count.
 
+Split-KV (decode with few sequences: B x N_kv programs would leave most SMs idle): with
+``num_splits`` > 1 each tile's key range is cut into that many equal pieces (on the device,
+from the tile's own positions), each program writes its unnormalised float32 output and
+its running max and sum, and a second kernel merges the pieces in a fixed order
+(deterministic). ``num_splits=None`` picks it on CUDA from the grid, the SM count and
+``max_kv`` (the longest sequence, a host int the caller knows); a CUDA graph captures one
+value, so pass it explicitly when capturing.
+
 Shape legend: T = new tokens, B = sequences, P = blocks per block table, N = heads
 (N_q query, N_kv KV), D = head dim, G = N_q / N_kv, M = rows of a tile (tokens x G),
 Kn = keys of a step.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -127,13 +136,16 @@ def _dot(a, b, acc, IEEE_F32: tl.constexpr):
 
 @jit
 def _paged_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, cu_q_ptr, pos_ptr, sinks_ptr,
-                            qk_scale, window, num_q_tiles, D,
+                            part_ptr, ml_ptr, qk_scale, window, num_q_tiles, num_splits, D,
                             stride_qt, stride_qn, stride_kb, stride_kr, stride_kn,
                             stride_vb, stride_vr, stride_vn, stride_ot, stride_on, stride_tb,
+                            stride_ps, stride_pt, stride_ms, stride_mt,
                             BLOCK_SIZE: tl.constexpr, G: tl.constexpr, BLOCK_Q: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                            HAS_SINKS: tl.constexpr, IEEE_F32: tl.constexpr,
+                            HAS_SINKS: tl.constexpr, SPLIT: tl.constexpr, IEEE_F32: tl.constexpr,
                             ROUND_BF16: tl.constexpr):
+    # SPLIT: program_id(2) takes piece program_id(2) of the key range and writes partials
+    # (part: unnormalised output, ml: running max and sum) for _merge_splits_kernel
     seq = tl.program_id(0) // num_q_tiles
     tile = tl.program_id(0) % num_q_tiles
     kv_head = tl.program_id(1)
@@ -155,12 +167,17 @@ def _paged_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, cu_q_ptr, p
     hi = tl.max(tl.where(row_ok_M, pos_M, 0), axis=0) + 1  # keys [lo, hi) cover the tile
     first = tl.min(tl.where(row_ok_M, pos_M, 2147483647), axis=0)
     lo = tl.where(window > 0, tl.maximum(first - window + 1, 0) // BLOCK_N * BLOCK_N, 0)
+    piece = tl.program_id(2)
+    if SPLIT:  # this program's piece of [lo, hi), whole BLOCK_N steps; late pieces may be empty
+        chunk = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
+        lo = lo + piece * chunk
+        hi = tl.minimum(hi, lo + chunk)
+    m_M = tl.full((BLOCK_M,), -1.0e30, tl.float32)
+    l_M = tl.zeros((BLOCK_M,), tl.float32)
     if HAS_SINKS:  # the sink is a key of logit sink and value 0: it starts the running sums
-        m_M = tl.load(sinks_ptr + head_M, mask=row_ok_M, other=0.0).to(tl.float32) * 1.4426950408889634
-        l_M = tl.full((BLOCK_M,), 1.0, tl.float32)
-    else:
-        m_M = tl.full((BLOCK_M,), -1.0e30, tl.float32)
-        l_M = tl.zeros((BLOCK_M,), tl.float32)
+        sink_M = tl.load(sinks_ptr + head_M, mask=row_ok_M, other=0.0).to(tl.float32) * 1.4426950408889634
+        m_M = tl.where(piece == 0, sink_M, m_M)  # counted once, in the first piece
+        l_M = tl.where(piece == 0, 1.0, l_M)
     acc_MD = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     table_row = table_ptr + seq.to(tl.int64) * stride_tb
     for n0 in range(lo, hi, BLOCK_N):
@@ -188,11 +205,47 @@ def _paged_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, cu_q_ptr, p
         else:  # p in the cache dtype for the tensor cores, float32 accumulation
             acc_MD = _dot(p_MN.to(v_ND.dtype), v_ND, acc_MD * alpha_M[:, None], IEEE_F32)
         m_M = m_new_M
-    out_MD = acc_MD / tl.where(l_M > 0, l_M, 1.0)[:, None]  # l = 0 only on rows not stored
-    out_ptrs = (out_ptr + tok_M.to(tl.int64)[:, None] * stride_ot + head_M[:, None] * stride_on
-                + d_D[None, :])
-    tl.store(out_ptrs, pre_round_bf16(out_MD, ROUND_BF16).to(out_ptr.dtype.element_ty),
-             mask=row_ok_M[:, None] & d_ok_D[None, :])
+    if SPLIT:
+        at_M = piece.to(tl.int64) * stride_ps + tok_M.to(tl.int64) * stride_pt + head_M * D
+        tl.store(part_ptr + at_M[:, None] + d_D[None, :], acc_MD,
+                 mask=row_ok_M[:, None] & d_ok_D[None, :])
+        ml_M = piece.to(tl.int64) * stride_ms + tok_M.to(tl.int64) * stride_mt + head_M * 2
+        tl.store(ml_ptr + ml_M, m_M, mask=row_ok_M)
+        tl.store(ml_ptr + ml_M + 1, l_M, mask=row_ok_M)
+    else:
+        out_MD = acc_MD / tl.where(l_M > 0, l_M, 1.0)[:, None]  # l = 0 only on rows not stored
+        out_ptrs = (out_ptr + tok_M.to(tl.int64)[:, None] * stride_ot + head_M[:, None] * stride_on
+                    + d_D[None, :])
+        tl.store(out_ptrs, pre_round_bf16(out_MD, ROUND_BF16).to(out_ptr.dtype.element_ty),
+                 mask=row_ok_M[:, None] & d_ok_D[None, :])
+
+
+@jit
+def _merge_splits_kernel(part_ptr, ml_ptr, out_ptr, num_splits, Nq, D,
+                         stride_ps, stride_pt, stride_ms, stride_mt, stride_ot, stride_on,
+                         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, ROUND_BF16: tl.constexpr):
+    # One program per token: every head's pieces, rescaled to the common max, in piece order.
+    tok = tl.program_id(0).to(tl.int64)
+    h_H = tl.arange(0, BLOCK_H)
+    d_D = tl.arange(0, BLOCK_D)
+    h_ok_H = h_H < Nq
+    mask_HD = h_ok_H[:, None] & (d_D < D)[None, :]
+    max_H = tl.full((BLOCK_H,), -1.0e30, tl.float32)
+    for p in range(0, num_splits):
+        m_H = tl.load(ml_ptr + p * stride_ms + tok * stride_mt + h_H * 2, mask=h_ok_H, other=-1.0e30)
+        max_H = tl.maximum(max_H, m_H)
+    sum_H = tl.zeros((BLOCK_H,), tl.float32)
+    acc_HD = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
+    for p in range(0, num_splits):
+        ml = ml_ptr + p * stride_ms + tok * stride_mt + h_H * 2
+        w_H = tl.exp2(tl.load(ml, mask=h_ok_H, other=-1.0e30) - max_H)
+        sum_H += w_H * tl.load(ml + 1, mask=h_ok_H, other=0.0)
+        part = tl.load(part_ptr + p * stride_ps + tok * stride_pt + h_H[:, None] * D + d_D[None, :],
+                       mask=mask_HD, other=0.0)
+        acc_HD += w_H[:, None] * part
+    out_HD = acc_HD / tl.where(sum_H > 0, sum_H, 1.0)[:, None]
+    tl.store(out_ptr + tok * stride_ot + h_H[:, None] * stride_on + d_D[None, :],
+             pre_round_bf16(out_HD, ROUND_BF16).to(out_ptr.dtype.element_ty), mask=mask_HD)
 
 
 def _tiles(G: int, max_q: int, D: int):
@@ -204,14 +257,35 @@ def _tiles(G: int, max_q: int, D: int):
     return BLOCK_Q, BLOCK_M, BLOCK_N
 
 
+_MIN_KEYS_PER_SPLIT = 256  # a piece shorter than this costs more to merge than it saves
+
+
+@functools.lru_cache(maxsize=16)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_num_splits(programs: int, num_sms: int, max_kv: int | None) -> int:
+    """Pieces per key range: double while the grid is under two programs per SM and each
+    piece keeps at least _MIN_KEYS_PER_SPLIT keys of the longest sequence (at most 16)."""
+    splits = 1
+    while (splits < 16 and programs * splits < 2 * num_sms
+           and (max_kv is None or max_kv >= 2 * splits * _MIN_KEYS_PER_SPLIT)):
+        splits *= 2
+    return splits
+
+
 def paged_attention(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     table_BP: torch.Tensor, cu_q_B1: torch.Tensor, pos_T: torch.Tensor, *,
                     scale: float, window: int = 0, sinks_N: torch.Tensor | None = None,
-                    max_q: int | None = None, impl: str | None = None) -> torch.Tensor:
+                    max_q: int | None = None, max_kv: int | None = None,
+                    num_splits: int | None = None, impl: str | None = None) -> torch.Tensor:
     """out_TND (q's dtype): causal paged attention of each new token (module docstring).
 
     max_q: the most new tokens of one sequence (sizes the grid; None reads it from cu_q_B1,
-    a host sync). impl: None / "auto" / "triton" / "torch" as for every kernel.
+    a host sync). max_kv: the longest sequence's length, for choosing num_splits (None: not
+    known). num_splits: split-KV pieces, None = chosen on CUDA, 1 under the interpreter.
+    impl: None / "auto" / "triton" / "torch" as for every kernel.
     """
     _check(q_TND, k_cache, v_cache, table_BP, cu_q_B1, pos_T, scale, window, sinks_N)
     if resolve_impl(impl, q_TND.device) == "torch":
@@ -232,16 +306,35 @@ def paged_attention(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     table_BP = table_BP.contiguous()
     BLOCK_Q, BLOCK_M, BLOCK_N = _tiles(G, max_q, D)
     num_q_tiles = triton.cdiv(max_q, BLOCK_Q)
+    if num_splits is None:
+        num_splits = 1 if q_TND.device.type != "cuda" else choose_num_splits(
+            B * num_q_tiles * Nkv, _num_sms(q_TND.device), max_kv)
+    if num_splits < 1:
+        raise ValueError(f"num_splits={num_splits} must be >= 1 (or None to choose)")
     sinks = sinks_N.float().contiguous() if sinks_N is not None else q_TND  # unread if no sinks
     ieee = q_TND.dtype == torch.float32 or INTERPRETED
-    grid = (B * num_q_tiles, Nkv)
+    BLOCK_D = max(16, next_pow2(D))
+    rounding = round_bf16_by_hand(q_TND.dtype)
+    split = num_splits > 1
+    if split:  # float32 partials: unnormalised output and (max, sum) per piece, token, head
+        part_PTND = alloc((num_splits, T, Nq, D), torch.float32, q_TND.device)
+        ml_PTN2 = alloc((num_splits, T, Nq, 2), torch.float32, q_TND.device)
+    else:
+        part_PTND = ml_PTN2 = out_TND  # unused
+    grid = (B * num_q_tiles, Nkv, num_splits)
     _paged_attention_kernel[grid](
-        q_TND, k_cache, v_cache, out_TND, table_BP, cu_q_B1, pos_T, sinks,
-        float(scale) * _LOG2E, int(window), num_q_tiles, D,
+        q_TND, k_cache, v_cache, out_TND, table_BP, cu_q_B1, pos_T, sinks, part_PTND, ml_PTN2,
+        float(scale) * _LOG2E, int(window), num_q_tiles, num_splits, D,
         q_TND.stride(0), q_TND.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out_TND.stride(0),
         out_TND.stride(1), table_BP.stride(0),
+        T * Nq * D, Nq * D, T * Nq * 2, Nq * 2,
         BLOCK_SIZE=k_cache.shape[1], G=G, BLOCK_Q=BLOCK_Q, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        BLOCK_D=max(16, next_pow2(D)), HAS_SINKS=sinks_N is not None, IEEE_F32=ieee,
-        ROUND_BF16=round_bf16_by_hand(q_TND.dtype), num_warps=4, num_stages=2)
+        BLOCK_D=BLOCK_D, HAS_SINKS=sinks_N is not None, SPLIT=split, IEEE_F32=ieee,
+        ROUND_BF16=rounding, num_warps=4, num_stages=2)
+    if split:
+        _merge_splits_kernel[(T,)](
+            part_PTND, ml_PTN2, out_TND, num_splits, Nq, D, T * Nq * D, Nq * D, T * Nq * 2,
+            Nq * 2, out_TND.stride(0), out_TND.stride(1), BLOCK_H=next_pow2(Nq),
+            BLOCK_D=BLOCK_D, ROUND_BF16=rounding)
     return out_TND

@@ -103,15 +103,45 @@ def test_paged_attention(seed, impl, case, heads, block_size, window, D):
                                msg=lambda m: f"seed={seed} {m}")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@needs_triton
+@pytest.mark.parametrize("case", ["decode", "chunked", "empty_and_single"])
+@pytest.mark.parametrize("num_splits,window", [(2, 0), (3, 9), (7, 0)])
+def test_paged_attention_split_kv(seed, case, num_splits, window):
+    """Split-KV: the key range cut in pieces merged by a second kernel; more pieces than
+    key steps leaves some empty (they must add nothing)."""
+    starts, lens = CASES[case]
+    args = make_case(starts, lens, 4, 2, 16, 16, torch.float32)
+    out = K.paged_attention(*args, scale=0.25, window=window, max_q=max(lens),
+                            num_splits=num_splits, impl="triton")
+    whole = K.paged_attention(*args, scale=0.25, window=window, max_q=max(lens), num_splits=1,
+                              impl="triton")
+    torch.testing.assert_close(out, whole, rtol=2e-5, atol=2e-5, msg=lambda m: f"seed={seed} {m}")
+    exact = float64_attention(*args, 0.25, window, None)
+    torch.testing.assert_close(out.double().cpu(), exact, rtol=2e-5, atol=2e-5,
+                               msg=lambda m: f"seed={seed} {m}")
+
+
+def test_choose_num_splits():
+    # few programs, long sequences: split up to about two programs per SM
+    assert K.attention.choose_num_splits(4, 132, 32768) == 16
+    assert K.attention.choose_num_splits(64, 132, 32768) == 8
+    # a full grid, or sequences too short to share: no split
+    assert K.attention.choose_num_splits(512, 132, 32768) == 1
+    assert K.attention.choose_num_splits(4, 132, 300) == 1
+    assert K.attention.choose_num_splits(4, 132, 1024) == 4  # pieces of 256 keys
+
+
+@pytest.mark.parametrize("impl,num_splits", [pytest.param("triton", 1, marks=needs_triton),
+                                             pytest.param("triton", 2, marks=needs_triton),
+                                             ("torch", None)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_paged_attention_low_precision_and_sinks(seed, impl, dtype):
+def test_paged_attention_low_precision_and_sinks(seed, impl, num_splits, dtype):
     starts, lens = CASES["chunked"]
     args = make_case(starts, lens, 4, 2, 32, 16, dtype)
     sinks_N = torch.randn(4, device=DEVICE)
     scale = 32 ** -0.5
     out = K.paged_attention(*args, scale=scale, window=6, sinks_N=sinks_N, max_q=max(lens) + 3,
-                            impl=impl)
+                            num_splits=num_splits, impl=impl)
     assert out.dtype == dtype
     exact = float64_attention(*args, scale, 6, sinks_N)
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=3e-3, atol=3e-3)

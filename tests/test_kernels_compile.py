@@ -76,15 +76,21 @@ def compile_all() -> None:
         build(dp._combine_kernel, {"recv_ptr": dt, "weights_ptr": "fp32", "out_ptr": dt},
               dict(BLOCK_T=4, BLOCK_H=1024, ROUND_BF16=False))
     at = mods["attention"]
-    for dt in ("bf16", "fp16", "fp32"):
-        for G, max_q, D in ((4, 1, 64), (4, 512, 64), (8, 1, 128), (8, 256, 128)):
+    for dt, shapes in (("bf16", ((4, 1, 64), (4, 512, 64), (8, 1, 128), (8, 256, 128))),
+                       ("fp16", ((4, 1, 64),)), ("fp32", ((4, 512, 64),))):
+        for G, max_q, D in shapes:  # seed-30b's heads (G = 4, D = 64) and G = 8, D = 128
             BLOCK_Q, BLOCK_M, BLOCK_N = at._tiles(G, max_q, D)
             build(at._paged_attention_kernel,
                   {"q_ptr": dt, "k_ptr": dt, "v_ptr": dt, "out_ptr": dt, "pos_ptr": "i64",
                    "sinks_ptr": "fp32"},
                   dict(BLOCK_SIZE=16, G=G, BLOCK_Q=BLOCK_Q, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                       BLOCK_D=D, HAS_SINKS=max_q == 1, IEEE_F32=dt == "fp32", ROUND_BF16=False),
-                  num_warps=4, num_stages=2, scalars={"qk_scale": "fp32", "table_ptr": "*i64"})
+                       BLOCK_D=D, HAS_SINKS=max_q == 1, SPLIT=max_q == 1, IEEE_F32=dt == "fp32",
+                       ROUND_BF16=False),
+                  num_warps=4, num_stages=2,
+                  scalars={"qk_scale": "fp32", "table_ptr": "*i64", "part_ptr": "*fp32",
+                           "ml_ptr": "*fp32"})
+        build(at._merge_splits_kernel, {"part_ptr": "fp32", "ml_ptr": "fp32", "out_ptr": dt},
+              dict(BLOCK_H=32, BLOCK_D=128, ROUND_BF16=False))
     print("compiled all kernels for sm_90")
 
 

@@ -150,7 +150,8 @@ class Attention(nn.Module):
                 cache.write(layer, meta.slot_T, k, v)
                 out = kernels.paged_attention(q, cache.k[layer], cache.v[layer], meta.table_BP,
                                               meta.cu_q(), meta.pos_T, scale=D ** -0.5,
-                                              window=self.window, max_q=meta.max_new)
+                                              window=self.window, max_q=meta.max_new,
+                                              max_kv=meta.max_len)
                 prof.note_activation(x_TH, q, k, v, out)
             with prof.phase("o_proj"):
                 return self.o_proj(out.view(T, self.num_heads * D))
