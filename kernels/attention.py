@@ -31,8 +31,9 @@ Split-KV (decode with few sequences: B x N_kv programs would leave most SMs idle
 from the tile's own positions), each program writes its unnormalised float32 output and
 its running max and sum, and a second kernel merges the pieces in a fixed order
 (deterministic). ``num_splits=None`` picks it on CUDA from the grid, the SM count and
-``max_kv`` (the longest sequence, a host int the caller knows); a CUDA graph captures one
-value, so pass it explicitly when capturing.
+``max_kv`` (the longest sequence, a host int the caller knows). Any num_splits gives the
+right result for any lengths (the pieces are cut on the device), so a CUDA graph may
+replay the value it captured while the sequences grow.
 
 Shape legend: T = new tokens, B = sequences, P = blocks per block table, N = heads
 (N_q query, N_kv KV), D = head dim, G = N_q / N_kv, M = rows of a tile (tokens x G),

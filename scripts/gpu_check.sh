@@ -11,6 +11,7 @@
 #                  paged attention, the model with the Triton kernels vs transformers)
 #   bench_kernels  scripts/bench_kernels.py --quick (fused MoE vs the per-expert loop and
 #                  torch._grouped_mm, next to this GPU's matmul and copy peaks)
+#   bench_attention scripts/bench_attention.py (the paged kernel vs gather + SDPA)
 #   tune_ep1/ep8   scripts/tune_fused_moe.py for seed-30b at EP 1 and 8 (quick grid; the
 #                  configs it writes are copied to OUT_DIR/configs/)
 #   tiny_*         the tiny preset on this GPU through `moerun generate --stats` (bf16, 32
@@ -71,12 +72,13 @@ part() {
     tail -n 3 "$OUT/$name.log"
 }
 
-part tests 100 "$PY" -m pytest -q -x -p no:cacheprovider \
+part tests 140 "$PY" -m pytest -q -p no:cacheprovider \
     tests/test_kernels.py tests/test_kernels_fused_moe.py tests/test_kernels_attention.py \
     tests/test_moe_triton.py tests/test_model_paged_attention.py
-part bench_kernels 75 "$PY" scripts/bench_kernels.py --quick
-part tune_ep1 90 "$PY" scripts/tune_fused_moe.py --grid quick --ep 1 --tokens 1 8 64 4096 1024 --iters 5
-part tune_ep8 70 "$PY" scripts/tune_fused_moe.py --grid quick --ep 8 --tokens 1 8 64 1024 --iters 5
+part bench_kernels 65 "$PY" scripts/bench_kernels.py --quick
+part bench_attention 30 "$PY" scripts/bench_attention.py --iters 10
+part tune_ep1 75 "$PY" scripts/tune_fused_moe.py --grid quick --ep 1 --tokens 1 8 64 4096 1024 --iters 5
+part tune_ep8 55 "$PY" scripts/tune_fused_moe.py --grid quick --ep 8 --tokens 1 8 64 1024 --iters 5
 mkdir -p "$OUT/configs"
 cp kernels/configs/*.json "$OUT/configs/" 2>/dev/null || true
 
@@ -100,14 +102,14 @@ for _ in range(32):
 TINY=(-m moerun.cli generate --model tiny --device cuda --dtype bfloat16 --prompts-file
       "$OUT/tiny_prompts.jsonl" --ignore-eos --stats)
 if (( ${#GEN_EAGER[@]} )); then
-    part tiny_eager 45 "$PY" "${TINY[@]}" "${GEN_EAGER[@]}"
+    part tiny_eager 35 "$PY" "${TINY[@]}" "${GEN_EAGER[@]}"
 fi
-part tiny_graphs 45 "$PY" "${TINY[@]}"
+part tiny_graphs 35 "$PY" "${TINY[@]}"
 if (( ${#BENCH_EAGER[@]} )); then
-    part bench_30b_eager 70 "$PY" scripts/bench.py --section strategy --strategy optimized --quick \
+    part bench_30b_eager 65 "$PY" scripts/bench.py --section strategy --strategy optimized --quick \
         "${BENCH_EAGER[@]}" --json "$OUT/bench_30b_eager.json"
 fi
-part bench_30b_graphs 70 "$PY" scripts/bench.py --section strategy --strategy optimized --quick \
+part bench_30b_graphs 65 "$PY" scripts/bench.py --section strategy --strategy optimized --quick \
     --json "$OUT/bench_30b_graphs.json"
 
 echo "total: $((SECONDS - START)) s (budget ${BUDGET} s)" >> "$OUT/summary.md"

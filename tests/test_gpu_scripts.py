@@ -55,3 +55,12 @@ def test_tuner_without_gpu_says_so(capsys):
         pytest.skip("a GPU is visible")
     assert tune_fused_moe.main(["--tokens", "1"]) == 0
     assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+def test_bench_attention_without_gpu_says_so(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    import bench_attention
+
+    assert bench_attention.main([]) == 0
+    assert "needs a CUDA GPU" in capsys.readouterr().out
