@@ -179,3 +179,21 @@ def test_paged_attention_bad_input(impl):
         K.paged_attention(q, k, v, table, cu, pos, scale=0.25, sinks_N=torch.zeros(3), impl=impl)
     with pytest.raises(ValueError, match="head dim"):
         K.paged_attention(q[..., :8], k, v, table, cu, pos, scale=0.25, impl=impl)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="compiled tiles at model sizes: needs a GPU")
+@pytest.mark.parametrize("Nq,Nkv,D", [(16, 4, 64), (32, 8, 128), (8, 1, 64)])
+@pytest.mark.parametrize("case", [([1000, 17, 3000], [1, 1, 1]), ([0, 700], [300, 64])])
+@pytest.mark.parametrize("num_splits", [None, 1, 8])
+def test_paged_attention_gpu_model_sizes(seed, Nq, Nkv, D, case, num_splits):
+    """The tiles a GPU launches (BLOCK_M up to 128, BLOCK_N 64, split-KV) at model head
+    sizes, bf16, against the float32 reference."""
+    starts, lens = case
+    args = make_case(starts, lens, Nq, Nkv, D, 16, torch.bfloat16)
+    max_kv = max(s + n for s, n in zip(starts, lens))
+    out = K.paged_attention(*args, scale=D ** -0.5, window=0, max_q=max(lens), max_kv=max_kv,
+                            num_splits=num_splits, impl="triton")
+    ref = K.reference_paged_attention(*[a.float() if a.is_floating_point() else a for a in args],
+                                      scale=D ** -0.5)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2,
+                               msg=lambda m: f"seed={seed} {m}")
