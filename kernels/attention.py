@@ -231,19 +231,21 @@ def _merge_splits_kernel(part_ptr, ml_ptr, out_ptr, num_splits, Nq, D,
     d_D = tl.arange(0, BLOCK_D)
     h_ok_H = h_H < Nq
     mask_HD = h_ok_H[:, None] & (d_D < D)[None, :]
+    ml_H = ml_ptr + tok * stride_mt + h_H * 2  # piece 0; pointers step by whole pieces
     max_H = tl.full((BLOCK_H,), -1.0e30, tl.float32)
-    for p in range(0, num_splits):
-        m_H = tl.load(ml_ptr + p * stride_ms + tok * stride_mt + h_H * 2, mask=h_ok_H, other=-1.0e30)
-        max_H = tl.maximum(max_H, m_H)
+    for _ in range(0, num_splits):
+        max_H = tl.maximum(max_H, tl.load(ml_H, mask=h_ok_H, other=-1.0e30))
+        ml_H += stride_ms
+    ml_H = ml_ptr + tok * stride_mt + h_H * 2
+    part_HD = part_ptr + tok * stride_pt + h_H[:, None] * D + d_D[None, :]
     sum_H = tl.zeros((BLOCK_H,), tl.float32)
     acc_HD = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
-    for p in range(0, num_splits):
-        ml = ml_ptr + p * stride_ms + tok * stride_mt + h_H * 2
-        w_H = tl.exp2(tl.load(ml, mask=h_ok_H, other=-1.0e30) - max_H)
-        sum_H += w_H * tl.load(ml + 1, mask=h_ok_H, other=0.0)
-        part = tl.load(part_ptr + p * stride_ps + tok * stride_pt + h_H[:, None] * D + d_D[None, :],
-                       mask=mask_HD, other=0.0)
-        acc_HD += w_H[:, None] * part
+    for _ in range(0, num_splits):
+        w_H = tl.exp2(tl.load(ml_H, mask=h_ok_H, other=-1.0e30) - max_H)
+        sum_H += w_H * tl.load(ml_H + 1, mask=h_ok_H, other=0.0)
+        acc_HD += w_H[:, None] * tl.load(part_HD, mask=mask_HD, other=0.0)
+        ml_H += stride_ms
+        part_HD += stride_ps
     out_HD = acc_HD / tl.where(sum_H > 0, sum_H, 1.0)[:, None]
     tl.store(out_ptr + tok * stride_ot + h_H[:, None] * stride_on + d_D[None, :],
              pre_round_bf16(out_HD, ROUND_BF16).to(out_ptr.dtype.element_ty), mask=mask_HD)

@@ -249,9 +249,10 @@ def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, T, H, top_k, expert_start, num_loc
         slot_T = t_T.to(tl.int64) * top_k + j
         local_T = tl.load(ids_ptr + slot_T, mask=t_ok_T, other=-1).to(tl.int64) - expert_start
         mine_T = t_ok_T & (local_T >= 0) & (local_T < num_local)  # rows of other ranks: unset
-        for p in range(0, num_splits):  # GEMM2's split-K partials, in a fixed order
-            acc_TH += tl.load(y_ptr + p * stride_yp + slot_T[:, None] * stride_ys + h_H[None, :],
-                              mask=mine_T[:, None] & h_ok_H[None, :], other=0.0)
+        y_ptrs = y_ptr + slot_T[:, None] * stride_ys + h_H[None, :]
+        for _ in range(0, num_splits):  # GEMM2's split-K partials, in a fixed order
+            acc_TH += tl.load(y_ptrs, mask=mine_T[:, None] & h_ok_H[None, :], other=0.0)
+            y_ptrs += stride_yp
     tl.store(out_ptr + t_T.to(tl.int64)[:, None] * stride_ot + h_H[None, :],
              pre_round_bf16(acc_TH, ROUND_BF16).to(out_ptr.dtype.element_ty),
              mask=t_ok_T[:, None] & h_ok_H[None, :])
