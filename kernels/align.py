@@ -39,8 +39,9 @@ import torch
 from ._common import alloc, check_2d, check_index, jit, next_pow2, resolve_impl, tl, triton
 
 _BLOCK_S = 128  # slots per program in the count and scatter kernels (per chunk in one launch)
-# Slot counts up to this take the single-launch kernel (T <= 512 tokens at top-2). Above it
-# the sequential chunks of one program cost more than the two extra launches.
+# Slot counts up to this take the single-launch kernel (T <= 512 tokens at top-2): one
+# program walks at most 8 chunks twice, about what the two launches it saves cost (an
+# estimate, not yet measured on a GPU; scripts/bench_kernels.py times the whole layer).
 ONE_LAUNCH_MAX_SLOTS = 1024
 
 
