@@ -112,6 +112,12 @@ def resolve_impl(impl: str | None, device: torch.device) -> str:
     return "triton"
 
 
+def uses_triton(device: torch.device, impl: str | None = None) -> bool:
+    """Whether a kernel called with ``impl`` on this device runs Triton (callers that keep a
+    different code path for the PyTorch case, e.g. the model's attention, ask this)."""
+    return resolve_impl(impl, device) == "triton"
+
+
 def set_debug_poison(enabled: bool) -> None:
     """Make ``alloc`` fill every buffer with NaN / -7777 (tests use it to catch gaps)."""
     global _poison

@@ -24,10 +24,13 @@ Pointer offsets are int64 wherever a row index multiplies a stride.
 
 Triton path: moe_align groups the slots by expert (padding never reaches the output: rows
 with the sentinel slot are masked), then three kernels: _gemm1_swiglu -> inter_SF,
-_gemm2_weighted -> y_SH, _topk_sum -> out_TH. Tiles come from moe_config. The variants are
+_gemm2_weighted -> y_PSH (P = SPLIT_K float32 partials of the F reduction),
+_topk_sum -> out_TH (sums the top-k slots and the partials). Each GEMM has its own tiles
+from moe_config (the down projection's shape is the opposite of gate-up's). The variants are
 constexpr flags of the GEMM epilogues (HAS_BIAS, SWIGLU_OAI): GEMM1 adds the gate/up bias
-to its float32 accumulators before the activation, GEMM2 adds the down bias before the
-routing-weight multiply; without them the kernels compile to the plain SwiGLU's code.
+to its float32 accumulators before the activation, GEMM2 (its first split only) adds the
+down bias before the routing-weight multiply; without them the kernels compile to the plain
+SwiGLU's code.
 
 Shape legend: T = tokens, K = top-k, S = T*K slots, E = local experts, H = hidden,
 F = expert FFN width, M/N/Kb = tile rows / columns / reduction.
@@ -259,12 +262,16 @@ def _gemm1_swiglu_kernel(x_ptr, w13_ptr, inter_ptr, sorted_ptr, block_expert_ptr
 
 @jit
 def _gemm2_weighted_kernel(inter_ptr, w2_ptr, y_ptr, weights_ptr, sorted_ptr, block_expert_ptr, b2_ptr,
-                           num_blocks_m, S, F, H,
-                           stride_is, stride_we, stride_wh, stride_wf, stride_ys, stride_be,
+                           num_blocks_m, S, F, H, split_len,
+                           stride_is, stride_we, stride_wh, stride_wf, stride_ys, stride_yp, stride_be,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            GROUP_M: tl.constexpr, IEEE_F32: tl.constexpr,
                            ROUND_BF16: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # program_id(1) = the split: F rows [split * split_len, (split + 1) * split_len) of the
+    # reduction, written to partial y[split] (split_len is a multiple of BLOCK_K)
     pid_m, pid_n = _block_ids(num_blocks_m, tl.cdiv(H, BLOCK_N), GROUP_M)
+    k_begin = tl.program_id(1) * split_len
+    k_end = tl.minimum(F, k_begin + split_len)
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if expert < 0:
         return
@@ -273,27 +280,29 @@ def _gemm2_weighted_kernel(inter_ptr, w2_ptr, y_ptr, weights_ptr, sorted_ptr, bl
     n_N = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok_N = n_N < H
     k_Kb = tl.arange(0, BLOCK_K)
-    a_ptrs = inter_ptr + slot_M[:, None] * stride_is + k_Kb[None, :]
+    a_ptrs = inter_ptr + slot_M[:, None] * stride_is + (k_begin + k_Kb)[None, :]
     b_ptrs = (w2_ptr + expert * stride_we + n_N.to(tl.int64)[None, :] * stride_wh
-              + k_Kb[:, None] * stride_wf)
+              + (k_begin + k_Kb)[:, None].to(tl.int64) * stride_wf)
     acc_MN = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, F, BLOCK_K):
-        k_ok_Kb = k_Kb < F - k0
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        k_ok_Kb = k_Kb < k_end - k0
         a_MK = tl.load(a_ptrs, mask=row_ok_M[:, None] & k_ok_Kb[None, :], other=0.0)
         b_KN = tl.load(b_ptrs, mask=k_ok_Kb[:, None] & n_ok_N[None, :], other=0.0)
         acc_MN = _dot(a_MK, b_KN, acc_MN, IEEE_F32)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_wf
-    if HAS_BIAS:  # the down bias belongs to the expert's output: weighted with it below
-        acc_MN += tl.load(b2_ptr + expert * stride_be + n_N, mask=n_ok_N, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:  # the down bias belongs to the expert's output: weighted with it below; split 0 adds it
+        first = (tl.program_id(1) == 0).to(tl.float32)
+        acc_MN += first * tl.load(b2_ptr + expert * stride_be + n_N, mask=n_ok_N, other=0.0).to(tl.float32)[None, :]
     w_M = tl.load(weights_ptr + slot_M, mask=row_ok_M, other=0.0).to(tl.float32)
+    y_ptr += tl.program_id(1).to(tl.int64) * stride_yp
     tl.store(y_ptr + slot_M[:, None] * stride_ys + n_N[None, :], acc_MN * w_M[:, None],
              mask=row_ok_M[:, None] & n_ok_N[None, :])
 
 
 @jit
-def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, T, H, top_k, expert_start, num_local,
-                     stride_ys, stride_ot, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, T, H, top_k, expert_start, num_local, num_splits,
+                     stride_ys, stride_yp, stride_ot, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
                      ROUND_BF16: tl.constexpr):
     t_T = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     h_H = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -304,8 +313,10 @@ def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, T, H, top_k, expert_start, num_loc
         slot_T = t_T.to(tl.int64) * top_k + j
         local_T = tl.load(ids_ptr + slot_T, mask=t_ok_T, other=-1).to(tl.int64) - expert_start
         mine_T = t_ok_T & (local_T >= 0) & (local_T < num_local)  # rows of other ranks: unset
-        acc_TH += tl.load(y_ptr + slot_T[:, None] * stride_ys + h_H[None, :],
-                          mask=mine_T[:, None] & h_ok_H[None, :], other=0.0)
+        y_ptrs = y_ptr + slot_T[:, None] * stride_ys + h_H[None, :]
+        for _ in range(0, num_splits):  # GEMM2's split-K partials, in a fixed order
+            acc_TH += tl.load(y_ptrs, mask=mine_T[:, None] & h_ok_H[None, :], other=0.0)
+            y_ptrs += stride_yp
     tl.store(out_ptr + t_T.to(tl.int64)[:, None] * stride_ot + h_H[None, :],
              pre_round_bf16(acc_TH, ROUND_BF16).to(out_ptr.dtype.element_ty),
              mask=t_ok_T[:, None] & h_ok_H[None, :])
@@ -389,12 +400,17 @@ def fused_moe(x_TH: torch.Tensor, w13_EFH: torch.Tensor, w2_EHF: torch.Tensor,
     if weights_S.dtype != torch.float32 or not weights_S.is_contiguous():
         weights_S = weights_S.float().contiguous()
     ids_S = ids_TK.reshape(-1).contiguous()
+    cfg2 = cfg.for_gemm2()
+    # split_len: F rows per split, whole BLOCK_K steps; trailing empty splits write zeros
+    split_len = triton.cdiv(triton.cdiv(F, cfg2.SPLIT_K), cfg2.BLOCK_K) * cfg2.BLOCK_K
     inter_SF = alloc((S, F), x_TH.dtype, device)
-    y_SH = alloc((S, H), torch.float32, device)
+    y_PSH = alloc((cfg2.SPLIT_K, S, H), torch.float32, device)
     ieee = x_TH.dtype == torch.float32 or (INTERPRETED and x_TH.dtype == torch.bfloat16)
-    tiles = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-                 GROUP_M=cfg.GROUP_M, IEEE_F32=ieee, ROUND_BF16=round_bf16_by_hand(x_TH.dtype),
-                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def tiles(c):
+        return dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, GROUP_M=c.GROUP_M,
+                    IEEE_F32=ieee, ROUND_BF16=round_bf16_by_hand(x_TH.dtype),
+                    num_warps=c.num_warps, num_stages=c.num_stages)
     # The epilogue variants are constexpr flags: the plain SwiGLU compiles to the same code
     # with or without them; a missing bias passes the weights as a never-read pointer.
     b13, b2 = _bias_rows(act.w13_bias), _bias_rows(act.w2_bias)
@@ -404,16 +420,17 @@ def fused_moe(x_TH: torch.Tensor, w13_EFH: torch.Tensor, w2_EHF: torch.Tensor,
         num_blocks_m, S, top_k, F, H,
         x_TH.stride(0), x_TH.stride(1), w13_EFH.stride(0), w13_EFH.stride(1), w13_EFH.stride(2),
         inter_SF.stride(0), 0 if b13 is None else b13.stride(0), float(act.alpha), float(act.limit),
-        HAS_BIAS=b13 is not None, SWIGLU_OAI=act.kind == "swiglu_oai", **tiles)
-    grid2 = (num_blocks_m * triton.cdiv(H, cfg.BLOCK_N),)
+        HAS_BIAS=b13 is not None, SWIGLU_OAI=act.kind == "swiglu_oai", **tiles(cfg))
+    grid2 = (num_blocks_m * triton.cdiv(H, cfg2.BLOCK_N), cfg2.SPLIT_K)
     _gemm2_weighted_kernel[grid2](
-        inter_SF, w2_EHF, y_SH, weights_S, sorted_slots, block_expert, w2_EHF if b2 is None else b2,
-        num_blocks_m, S, F, H,
+        inter_SF, w2_EHF, y_PSH, weights_S, sorted_slots, block_expert, w2_EHF if b2 is None else b2,
+        num_blocks_m, S, F, H, split_len,
         inter_SF.stride(0), w2_EHF.stride(0), w2_EHF.stride(1), w2_EHF.stride(2),
-        y_SH.stride(0), 0 if b2 is None else b2.stride(0), HAS_BIAS=b2 is not None, **tiles)
+        y_PSH.stride(1), y_PSH.stride(0), 0 if b2 is None else b2.stride(0), HAS_BIAS=b2 is not None,
+        **tiles(cfg2))
     BLOCK_T, BLOCK_H = 4, min(1024, triton.next_power_of_2(H))
     grid3 = (triton.cdiv(T, BLOCK_T), triton.cdiv(H, BLOCK_H))
-    _topk_sum_kernel[grid3](y_SH, ids_S, out_TH, T, H, top_k, expert_start, E,
-                            y_SH.stride(0), out_TH.stride(0), BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H,
-                            ROUND_BF16=round_bf16_by_hand(x_TH.dtype))
+    _topk_sum_kernel[grid3](y_PSH, ids_S, out_TH, T, H, top_k, expert_start, E, cfg2.SPLIT_K,
+                            y_PSH.stride(1), y_PSH.stride(0), out_TH.stride(0), BLOCK_T=BLOCK_T,
+                            BLOCK_H=BLOCK_H, ROUND_BF16=round_bf16_by_hand(x_TH.dtype))
     return out_TH

@@ -66,6 +66,27 @@ def time_ms(fn, iters: int, warmup: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def graph_time_ms(fn, iters: int, reps: int = 10) -> float:
+    """Median milliseconds of one fn() replayed from a CUDA graph holding ``reps`` calls, so
+    launch overhead is what a graph-captured step pays, not the Python of each launch. Falls
+    back to ``time_ms`` when fn cannot be captured."""
+    try:
+        fn()  # compile and allocate outside the capture
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                fn()
+    except Exception:  # not capturable (e.g. a host sync inside): time it eagerly
+        torch.cuda.synchronize()
+        return time_ms(fn, iters)
+    return time_ms(graph.replay, iters, warmup=2) / reps
+
+
 def matmul_peak_tflops(iters: int, n: int = 8192) -> float:
     """A big bf16 torch.matmul, as the device's attainable matmul peak."""
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)

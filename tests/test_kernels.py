@@ -16,7 +16,7 @@ import torch
 from kernel_env import DEVICE, needs_triton
 
 import moerun.kernels as K
-from moerun.kernels import _common, moe_config
+from moerun.kernels import _common, align, moe_config
 # Each test runs the Triton kernel and, for the checks that need no triton, the reference.
 IMPLS = [pytest.param("triton", marks=needs_triton), "torch"]
 
@@ -100,12 +100,16 @@ def check_align_invariants(ids_TK, block_m, start, num_local, out, seed):
     assert n == int(((counts + block_m - 1) // block_m * block_m).sum()), f"seed={seed}"
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl,launches", [  # "three": the kernels larger slot counts take
+    pytest.param("triton", "one", marks=needs_triton),
+    pytest.param("triton", "three", marks=needs_triton), ("torch", "-")])
 @pytest.mark.parametrize("T,E,k,unused", [(0, 4, 2, ()), (1, 8, 2, ()), (33, 8, 2, (3,)),
                                           (7, 5, 5, ()), (150, 6, 2, (0, 5))])
 @pytest.mark.parametrize("block_m", [1, 4, 16])
 @pytest.mark.parametrize("local", [None, (2, 3)])
-def test_moe_align(seed, impl, T, E, k, unused, block_m, local):
+def test_moe_align(seed, monkeypatch, impl, launches, T, E, k, unused, block_m, local):
+    if launches == "three":
+        monkeypatch.setattr(align, "ONE_LAUNCH_MAX_SLOTS", 0)
     _, ids_TK = routing(T, E, k, unused)
     start, num_local = local if local else (0, E)
     if local and E < 5:
@@ -117,6 +121,34 @@ def test_moe_align(seed, impl, T, E, k, unused, block_m, local):
     for a, b in zip(out, ref):
         assert a.dtype == torch.int32 and torch.equal(a, b), f"seed={seed}"
     check_align_invariants(ids_TK, block_m, start, num_local, out, seed)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="stress test of the compiled kernels: needs a GPU "
+                    "(the interpreter runs one thread per program and cannot show races)")
+@pytest.mark.parametrize("launches", ["one", "three"])
+def test_moe_align_stress_gpu(seed, monkeypatch, launches):
+    """Thousands of random routings, small and large, against the reference bit for bit:
+    a missing barrier shows up as a slot in the wrong expert's block."""
+    if launches == "three":
+        monkeypatch.setattr(align, "ONE_LAUNCH_MAX_SLOTS", 0)
+    gen = random.Random(seed)
+    for trial in range(3000):
+        T = gen.choice([1, 2, 3, 8, 17, 64, 100, 256, 511, 700, 2048])
+        E = gen.choice([1, 4, 8, 16, 60, 64, 128, 256])
+        k = gen.randint(1, min(E, 8))
+        block_m = gen.choice([1, 16, 32, 64, 128])
+        start = gen.randrange(E)
+        num_local = gen.randint(1, E - start)
+        _, ids_TK = routing(T, E, k)
+        if gen.random() < 0.3:  # skewed: most slots on a few experts (long per-expert runs)
+            ids_TK = torch.randint(0, max(1, E // 8), (T, k), device=DEVICE, dtype=torch.int32)
+        out = K.moe_align(ids_TK, E, block_m, expert_start=start, num_local_experts=num_local,
+                          impl="triton")
+        ref = K.reference_moe_align(ids_TK, E, block_m, expert_start=start,
+                                    num_local_experts=num_local)
+        for a, b in zip(out, ref):
+            assert torch.equal(a, b), (f"seed={seed} trial={trial} T={T} E={E} k={k} "
+                                       f"block_m={block_m} local=[{start}, {start + num_local})")
 
 
 # ---------------------------------------------------------------- dispatch / combine
@@ -197,6 +229,24 @@ def test_tile_configs(tmp_path):
         K.MoeTileConfig(BLOCK_M=24, BLOCK_N=32, BLOCK_K=32)
     cfg = moe_config.get_config(8, 2, 4, 8, 16, torch.bfloat16, torch.device("cpu"), True)
     assert cfg.BLOCK_M == 16
+    # GEMM2's own tiles: saved nested, loaded back equal, BLOCK_M shared with GEMM1
+    two = K.MoeTileConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, gemm2=K.MoeTileConfig(
+        BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_stages=5, SPLIT_K=4))
+    moe_config.save_configs(path, {1: two, 256: big})
+    table = moe_config._load(path)
+    assert table[1] == two and table[1].for_gemm2().SPLIT_K == 4 and table[256].for_gemm2() == big
+    with pytest.raises(ValueError, match="BLOCK_M=16"):
+        K.MoeTileConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, gemm2=big)
+    with pytest.raises(ValueError, match="SPLIT_K belongs"):
+        K.MoeTileConfig(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, gemm2=big)
+    # untuned decode tiles on a GPU: GEMM2 narrow, deeper, split until ~2 programs per SM
+    dec = moe_config.default_config(1, 2, 64, torch.bfloat16, False, F=9472, H=1024, num_sms=132)
+    g2 = dec.for_gemm2()
+    assert g2.BLOCK_N == 32 and g2.num_stages > dec.num_stages and g2.SPLIT_K > 1
+    programs = min(1 * 2, 64) * (1024 // g2.BLOCK_N) * g2.SPLIT_K
+    assert 2 * 132 <= programs < 4 * 132
+    assert moe_config.default_config(1, 2, 64, torch.bfloat16, False, F=64, H=1024,
+                                     num_sms=132).for_gemm2().SPLIT_K == 1  # F too short
 
 
 # ---------------------------------------------------------------- bad input

@@ -83,10 +83,10 @@ def assert_near(got, want, tol, what, seed):
     assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol} * {scale:.3g}, seed={seed}"
 
 
-def run_and_check(seed, case, dtype, expert_start=0):
+def run_and_check(seed, case, dtype, expert_start=0, config=None):
     x_TH, w13, w2, weights_TK, ids_TK, act = case
     E = w13.shape[0]
-    kw = dict(expert_start=expert_start, num_local_experts=E, act=act)
+    kw = dict(expert_start=expert_start, num_local_experts=E, act=act, config=config)
     out = K.fused_moe(x_TH, w13, w2, weights_TK, ids_TK, impl="triton", **kw)
     assert out.dtype == dtype and out.shape == x_TH.shape, f"seed={seed}"
     ref = K.reference_fused_moe(x_TH, w13, w2, weights_TK, ids_TK, expert_start=expert_start, act=act)
@@ -140,6 +140,17 @@ def test_fused_moe_expert_act_parallel_slice(seed, dtype, start, num_local):
                             num_local_experts=2, impl="triton", act=part(s, 2)).float()
                 for s in range(0, 8, 2))
     assert_near(parts, full, 2 * TOL_REF[dtype], "sum of EP slices vs full", seed)
+
+
+@needs_triton
+@pytest.mark.parametrize("split", [2, 3])
+def test_fused_moe_expert_act_split_k(seed, split):
+    """GEMM2's F reduction split over programs: the down bias is added once (by the first
+    split), before the routing weight, whatever the split count (3 leaves one split empty)."""
+    gemm2 = K.MoeTileConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_stages=1, SPLIT_K=split)
+    cfg = K.MoeTileConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_stages=1, gemm2=gemm2)
+    run_and_check(seed, make_case(9, 6, 2, 40, 40, torch.float32, "swiglu_oai", ("w13", "w2")),
+                  torch.float32, config=cfg)
 
 
 @needs_triton

@@ -121,6 +121,20 @@ def test_fused_moe_strided_weights_and_tiles(seed):
     run_and_check(seed, (x_wide, w13_t, w2, weights_TK, ids_TK), dtype, config=cfg)
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,F,split", [(1, 72, 3), (5, 40, 4), (30, 24, 2)])
+def test_fused_moe_gemm2_tiles_and_split_k(seed, dtype, T, F, split):
+    """GEMM2 with tiles of its own and its F reduction split (F = 40, split 4 at
+    BLOCK_K = 16 leaves the last split empty: it must write zeros, not garbage)."""
+    gemm2 = K.MoeTileConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_stages=1, SPLIT_K=split)
+    cfg = K.MoeTileConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_stages=1, gemm2=gemm2)
+    run_and_check(seed, make_case(T, 6, 2, 40, F, dtype), dtype, config=cfg)
+    # no gemm2 tiles: SPLIT_K of the one config applies to GEMM2
+    one = K.MoeTileConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_stages=1, SPLIT_K=split)
+    run_and_check(seed, make_case(T, 6, 2, 40, F, dtype), dtype, config=one)
+
+
 @pytest.mark.parametrize("impl", [pytest.param("triton", marks=needs_triton), "torch"])
 def test_expert_parallel_round_trip(seed, impl):
     """dispatch -> all-to-all -> fused_moe on the received rows -> back -> combine, with the
@@ -183,3 +197,20 @@ def test_fused_moe_bad_input(impl):
         K.fused_moe(x, w13, w2, w, ids.float(), impl=impl)
     with pytest.raises(ValueError, match=r"\[E, 2F, H\]"):
         K.fused_moe(x, w13[0], w2, w, ids, impl=impl)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the GPU's default tiles: needs a GPU")
+@pytest.mark.parametrize("T", [1, 3, 8, 300])
+def test_fused_moe_gpu_default_tiles(seed, T):
+    """The untuned GPU tiles at model-like sizes (decode: GEMM2 narrow and split-K, chosen
+    from the SM count) on the K-major experts the model stores."""
+    E, k, H, F, dtype = 64, 2, 1024, 2048, torch.bfloat16
+    x_TH, w13, w2, weights_TK, ids_TK = make_case(T, E, k, H, F, dtype)
+    w13 = w13.transpose(1, 2).contiguous().transpose(1, 2)  # [E, 2F, H] stored [E, H, 2F]
+    w2 = w2.transpose(1, 2).contiguous().transpose(1, 2)  # [E, H, F] stored [E, F, H]
+    if T == 1:
+        from moerun.kernels import moe_config
+        cfg = moe_config.get_config(T, k, E, F, H, dtype, x_TH.device, False)
+        assert cfg.for_gemm2().SPLIT_K > 1 or moe_config.config_path(
+            E, F, H, dtype, moe_config.device_key(x_TH.device)).is_file()
+    run_and_check(seed, (x_TH, w13, w2, weights_TK, ids_TK), dtype)

@@ -1,8 +1,11 @@
 """Grouped-query attention with heads split over TP, q/k norms, RoPE and a KV cache.
 
 ``AttnMeta`` describes one forward: the new tokens of B sequences concatenated into T
-rows. Queries are scattered into a padded ``[B, Nq, ...]`` block so one
-``scaled_dot_product_attention`` call per layer serves prefill, decode and any mix.
+rows. When the kernels run Triton (CUDA, or ``set_default_impl("triton")`` under the
+interpreter), ``kernels.paged_attention`` reads K/V straight from the cache's blocks
+(varlen, GQA without repeating K/V). Otherwise (CPU) queries are scattered into a padded
+``[B, Nq, ...]`` block so one ``scaled_dot_product_attention`` call per layer serves
+prefill, decode and any mix.
 
 Shape legend: T = new tokens, B = sequences, P = blocks per block table, Nq = most new
 tokens of one sequence, L = longest cached length, N = heads (local), D = head dim.
@@ -15,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..comm import Comm
 from ..config import ModelConfig
 from ..profile import NULL_PROFILER
@@ -34,6 +38,7 @@ class AttnMeta:
     max_len: int
     uniform: bool  # every sequence has max_new new tokens: the query block needs no padding
     _masks: dict = field(default_factory=dict)
+    _cu_q: torch.Tensor | None = None
 
     @staticmethod
     def build(block_tables: list[list[int]], starts: list[int], lens: list[int], block_size: int,
@@ -72,6 +77,19 @@ class AttnMeta:
             m[:, :, 0] |= ~(j < lens)[:, :, 0]  # padded query rows: attend to one key, not NaN
             self._masks[window] = m[:, None]
         return self._masks[window]
+
+
+    def cu_q(self) -> torch.Tensor:
+        """[B + 1] int32 on the tokens' device: sequence b's new tokens are rows
+        [cu_q[b], cu_q[b + 1]) (what the paged kernel takes). Built on the device from
+        pad_index_T (sequence = pad index // max_new), once per forward, without a host sync."""
+        if self._cu_q is None:
+            dev, B = self.pad_index_T.device, len(self.lens)
+            seq_T = self.pad_index_T // max(self.max_new, 1)
+            counts = torch.zeros(B + 1, dtype=torch.int32, device=dev)
+            counts.index_add_(0, seq_T + 1, torch.ones_like(seq_T, dtype=torch.int32))
+            self._cu_q = counts.cumsum(0, dtype=torch.int32)
+        return self._cu_q
 
 
 class Attention(nn.Module):
@@ -127,6 +145,16 @@ class Attention(nn.Module):
             if cfg.qk_norm == "head":
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rope(q, cos_TD, sin_TD), apply_rope(k, cos_TD, sin_TD)
+        if kernels.uses_triton(x_TH.device):
+            with prof.phase("attention"):
+                cache.write(layer, meta.slot_T, k, v)
+                out = kernels.paged_attention(q, cache.k[layer], cache.v[layer], meta.table_BP,
+                                              meta.cu_q(), meta.pos_T, scale=D ** -0.5,
+                                              window=self.window, max_q=meta.max_new,
+                                              max_kv=meta.max_len)
+                prof.note_activation(x_TH, q, k, v, out)
+            with prof.phase("o_proj"):
+                return self.o_proj(out.view(T, self.num_heads * D))
         with prof.phase("attention"):
             cache.write(layer, meta.slot_T, k, v)
             k_BLND, v_BLND = cache.read(layer, meta.table_BP, meta.max_len)
