@@ -1,7 +1,8 @@
 """The Hugging Face translation of ``ModelConfig``: config.json fields in, config.json out.
 
-Each family spells the same facts differently (``num_experts`` / ``num_local_experts``,
-``rope_theta`` / ``rope_parameters``, ``mlp_only_layers``, ``layer_types``); this module
+Each family spells the same facts differently (``num_experts`` / ``num_local_experts`` /
+``n_routed_experts``, ``rope_theta`` / ``rope_parameters``, ``mlp_only_layers`` /
+``first_k_dense_replace``, ``layer_types``, ``partial_rotary_factor`` / ``rotary_dim``); this module
 turns them into ``ModelConfig``'s few family-free fields and back. It imports nothing of
 moerun: ``moerun.config`` calls it.
 
@@ -191,6 +192,9 @@ def _sigmoid_routed_to_hf(cfg) -> dict:
                norm_topk_prob=cfg.norm_topk_prob, attention_bias=cfg.qkv_bias)
     if cfg.model_type == "glm4_moe":
         return {**out, "use_qk_norm": cfg.qk_norm == "head", "rope_parameters": rope, "num_nextn_predict_layers": 0}
+    if cfg.rotary_dim != cfg.head_dim:
+        raise ValueError(f"dots1 rotates the whole head; rotary_dim {cfg.rotary_dim} != head_dim {cfg.head_dim} "
+                         "cannot be written")
     windows = [w for w in cfg.sliding_windows if w]
     if len(set(windows)) > 1:
         raise ValueError(f"dots1 has one sliding_window; sliding_windows {cfg.sliding_windows} cannot be written")
