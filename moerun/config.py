@@ -1,7 +1,7 @@
 """ModelConfig: the one description of a MoE model that every part of moerun reads.
 
 Built from a Hugging Face ``config.json`` (model_type ``olmoe``, ``mixtral``,
-``qwen2_moe``, ``qwen3_moe``; transformers 4 ``rope_theta`` and transformers 5
+``qwen2_moe``, ``qwen3_moe``, ``glm4_moe``, ``dots1``, ``minimax_m2``; transformers 4 ``rope_theta`` and transformers 5
 ``rope_parameters`` spellings both accepted) or from a preset in ``configs/models/``.
 
     cfg = ModelConfig.load("tiny")            # preset name
@@ -9,8 +9,8 @@ Built from a Hugging Face ``config.json`` (model_type ``olmoe``, ``mixtral``,
     cfg.num_params()                          # exact parameter count, no allocation
 
 Family differences are reduced to a few fields (``qk_norm``, ``qkv_bias``, ``o_bias``,
-``norm_topk_prob``, ``shared_expert_ffn``, ``moe_layers``, ``sliding_windows``) so the
-model code never branches on ``model_type``.
+``norm_topk_prob``, ``shared_expert_ffn``, ``moe_layers``, ``sliding_windows``, the router's
+``scoring`` options, ``rotary_dim``) so the model code never branches on ``model_type``.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class ModelConfig:
     top_k: int
     moe_ffn: int  # width of one routed expert's SwiGLU FFN
     dense_ffn: int = 0  # width of the dense MLP in layers that have no experts
-    shared_expert_ffn: int = 0  # Qwen2-MoE's always-on expert (0 = none)
+    shared_expert_ffn: int = 0  # width of the always-on shared expert(s) (0 = none)
     norm_topk_prob: bool = False  # renormalise the top-k routing weights to sum to 1
     qk_norm: str = "none"  # "none" | "full" (OLMoE, over the projection) | "head" (Qwen3-MoE)
     qkv_bias: bool = False
@@ -50,6 +50,16 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     moe_layers: tuple[bool, ...] = ()  # per layer: routed experts (True) or dense MLP
     sliding_windows: tuple[int, ...] = ()  # per layer: attention window, 0 = full causal
+    # The router (kernels.route): "softmax" over all experts, or "sigmoid" scores (DeepSeek-V3,
+    # GLM-4.5, dots.llm1, MiniMax-M2) chosen on score + e_score_correction_bias (score_bias),
+    # group-limited to the topk_group best of n_group groups, the weights times routed_scaling.
+    scoring: str = "softmax"
+    score_bias: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling: float = 1.0
+    shared_expert_gated: bool = True  # Qwen2-MoE's sigmoid(gate(x)) * shared(x); False: plain sum
+    rotary_dim: int = 0  # dims of each head RoPE rotates (the first ones); 0 = head_dim
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = ""
@@ -60,6 +70,8 @@ class ModelConfig:
             object.__setattr__(self, "moe_layers", (True,) * self.num_layers)
         if not self.sliding_windows:
             object.__setattr__(self, "sliding_windows", (0,) * self.num_layers)
+        if not self.rotary_dim:
+            object.__setattr__(self, "rotary_dim", self.head_dim)
         problems = self.problems()
         if problems:
             raise ValueError(
@@ -78,6 +90,10 @@ class ModelConfig:
                      f"num_key_value_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
             p.append(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        if self.rotary_dim % 2 or not 2 <= self.rotary_dim <= self.head_dim:
+            p.append(f"rotary dim ({self.rotary_dim}, head_dim x partial_rotary_factor) must be even and "
+                     f"in 2..head_dim ({self.head_dim})")
+        p += self._router_problems()
         if any(self.moe_layers):
             if self.num_experts < 1 or self.moe_ffn < 1:
                 p.append(f"MoE layers need num_experts >= 1 and an expert FFN width >= 1 "
@@ -93,6 +109,25 @@ class ModelConfig:
         bad_eos = [e for e in self.eos_token_ids if not 0 <= e < self.vocab_size]
         if bad_eos:
             p.append(f"eos_token_id {bad_eos} outside the vocabulary (0..{self.vocab_size - 1})")
+        return p
+
+    def _router_problems(self) -> list[str]:
+        p = []
+        if self.scoring not in ("softmax", "sigmoid"):
+            p.append(f"scoring {self.scoring!r} is not softmax|sigmoid")
+        if self.score_bias and self.scoring != "sigmoid":
+            p.append("e_score_correction_bias (score_bias) needs sigmoid scoring")
+        if self.routed_scaling <= 0:
+            p.append(f"routed_scaling_factor ({self.routed_scaling}) must be > 0")
+        if self.n_group < 1 or (self.num_experts >= 1 and self.num_experts % self.n_group):
+            p.append(f"n_group ({self.n_group}) must be >= 1 and divide num_experts ({self.num_experts})")
+        elif not 1 <= self.topk_group <= self.n_group:
+            p.append(f"topk_group ({self.topk_group}) must be in 1..n_group ({self.n_group})")
+        elif self.n_group > 1 and self.scoring != "sigmoid":
+            p.append("group-limited routing (n_group > 1) needs sigmoid scoring")
+        elif any(self.moe_layers) and self.topk_group * (self.num_experts // self.n_group) < self.top_k:
+            p.append(f"topk_group ({self.topk_group}) groups of {self.num_experts // self.n_group} experts hold "
+                     f"fewer than num_experts_per_tok ({self.top_k}) experts; raise topk_group")
         return p
 
     # ----------------------------------------------------------------- loading
@@ -167,16 +202,21 @@ class ModelConfig:
         return 2 * self.hidden_size
 
     def router_params(self, layer: int) -> int:
-        """The router of a MoE layer (E x H); a dense layer has none."""
-        return self.num_experts * self.hidden_size if self.moe_layers[layer] else 0
+        """The router of a MoE layer (E x H, + the E-entry e_score_correction_bias when it has
+        one); a dense layer has none."""
+        if not self.moe_layers[layer]:
+            return 0
+        return self.num_experts * self.hidden_size + (self.num_experts if self.score_bias else 0)
 
     def mlp_params(self, layer: int) -> int:
-        """What is not routed: a dense layer's SwiGLU MLP, or a MoE layer's shared expert and
-        its one-output gate (0 without one)."""
+        """What is not routed: a dense layer's SwiGLU MLP, or a MoE layer's shared expert(s)
+        (with Qwen2-MoE's one-output gate when gated; 0 without one)."""
         H = self.hidden_size
         if not self.moe_layers[layer]:
             return 3 * H * self.dense_ffn
-        return 3 * H * self.shared_expert_ffn + H if self.shared_expert_ffn else 0
+        if not self.shared_expert_ffn:
+            return 0
+        return 3 * H * self.shared_expert_ffn + (H if self.shared_expert_gated else 0)
 
     def layer_params(self, layer: int) -> int:
         n = self.attn_params() + self.norm_params() + self.router_params(layer) + self.mlp_params(layer)

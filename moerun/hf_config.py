@@ -1,7 +1,8 @@
 """The Hugging Face translation of ``ModelConfig``: config.json fields in, config.json out.
 
-Each family spells the same facts differently (``num_experts`` / ``num_local_experts``,
-``rope_theta`` / ``rope_parameters``, ``mlp_only_layers``, ``layer_types``); this module
+Each family spells the same facts differently (``num_experts`` / ``num_local_experts`` /
+``n_routed_experts``, ``rope_theta`` / ``rope_parameters``, ``mlp_only_layers`` /
+``first_k_dense_replace``, ``layer_types``, ``partial_rotary_factor`` / ``rotary_dim``); this module
 turns them into ``ModelConfig``'s few family-free fields and back. It imports nothing of
 moerun: ``moerun.config`` calls it.
 
@@ -14,14 +15,18 @@ import logging
 
 log = logging.getLogger("moerun")
 
-SUPPORTED_TYPES = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe")
+SUPPORTED_TYPES = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "dots1", "minimax_m2")
+# the families with DeepSeek-V3's router: sigmoid scores, e_score_correction_bias, groups
+SIGMOID_ROUTED = ("glm4_moe", "dots1", "minimax_m2")
 
 
 # config.json fields that must be integers when present (their arithmetic comes first)
 INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "head_dim", "num_experts", "num_local_experts", "num_experts_per_tok", "intermediate_size",
               "moe_intermediate_size", "shared_expert_intermediate_size", "decoder_sparse_step",
-              "max_position_embeddings", "sliding_window", "max_window_layers")
+              "max_position_embeddings", "sliding_window", "max_window_layers", "n_routed_experts",
+              "n_shared_experts", "n_group", "topk_group", "first_k_dense_replace", "rotary_dim",
+              "num_nextn_predict_layers")
 
 
 def fields_from_hf(raw: dict, name: str = "") -> dict:
@@ -45,14 +50,15 @@ def fields_from_hf(raw: dict, name: str = "") -> dict:
     hd = raw.get("head_dim") or H // nh
     if mt != "qwen3_moe" and raw.get("head_dim") is None and H % nh:
         raise ValueError(f"hidden_size ({H}) is not divisible by num_attention_heads ({nh})")
-    E = raw.get("num_experts", raw.get("num_local_experts"))
+    E = raw.get("num_experts", raw.get("num_local_experts", raw.get("n_routed_experts")))
     if E is None:
-        raise ValueError("config.json has neither num_experts nor num_local_experts")
+        raise ValueError("config.json has none of num_experts, num_local_experts, n_routed_experts")
     kw = dict(
         model_type=mt, name=name, vocab_size=_req(raw, "vocab_size"), hidden_size=H,
         num_layers=L, num_heads=nh, num_kv_heads=nkv, head_dim=hd, num_experts=E,
         top_k=_req(raw, "num_experts_per_tok"), rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-        rope_theta=_rope_theta(raw), tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        rope_theta=_rope_theta(raw, 5e6 if mt == "minimax_m2" else 10000.0),
+        rotary_dim=_rotary_dim(raw, mt, hd), tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         max_position_embeddings=raw.get("max_position_embeddings", 4096),
         bos_token_id=raw.get("bos_token_id"), eos_token_ids=_eos(raw.get("eos_token_id"), raw["vocab_size"]),
     )
@@ -65,6 +71,8 @@ def fields_from_hf(raw: dict, name: str = "") -> dict:
         sw = raw.get("sliding_window") or 0
         kw.update(moe_ffn=_req(raw, "intermediate_size"), norm_topk_prob=True,
                   sliding_windows=(sw,) * L)
+    elif mt in SIGMOID_ROUTED:
+        kw.update(_sigmoid_routed(raw, mt, L))
     else:  # qwen2_moe, qwen3_moe
         step = raw.get("decoder_sparse_step", 1) or 1
         only = set(raw.get("mlp_only_layers") or [])
@@ -82,6 +90,50 @@ def fields_from_hf(raw: dict, name: str = "") -> dict:
     return kw
 
 
+def _sigmoid_routed(raw: dict, mt: str, L: int) -> dict:
+    """glm4_moe, dots1, minimax_m2: DeepSeek-V3's router (sigmoid scores, a correction bias
+    that only chooses, groups, scaling); GLM-4.5 and dots.llm1 add ungated shared experts
+    (``n_shared_experts * moe_intermediate_size`` wide) and dense first layers."""
+    kw = dict(scoring="sigmoid", score_bias=True)
+    if mt == "minimax_m2":  # its router always renormalises; no groups, no scaling, no shared expert
+        return {**kw, "moe_ffn": _req(raw, "intermediate_size"), "norm_topk_prob": True, "qk_norm": "full"}
+    glm = mt == "glm4_moe"
+    moe_ffn = _req(raw, "moe_intermediate_size")
+    k = raw.get("first_k_dense_replace", 1 if glm else 0) or 0
+    bias = bool(raw.get("attention_bias", False))
+    kw.update(moe_ffn=moe_ffn, dense_ffn=raw.get("intermediate_size") or 0, moe_layers=tuple(i >= k for i in range(L)),
+              shared_expert_ffn=(raw.get("n_shared_experts", 1 if glm else 0) or 0) * moe_ffn,
+              shared_expert_gated=False, n_group=raw.get("n_group") or 1, topk_group=raw.get("topk_group") or 1,
+              routed_scaling=raw.get("routed_scaling_factor", 1.0),
+              norm_topk_prob=bool(raw.get("norm_topk_prob", glm)), qkv_bias=bias)
+    if glm:
+        kw.update(qk_norm="head" if raw.get("use_qk_norm", False) else "none")
+    else:  # dots1: per-head q/k norm always, o_proj biased with the rest, sliding layers by layer_types
+        if raw.get("layer_types") is None:  # transformers' Dots1Config derives them so
+            mwl = raw.get("max_window_layers", L)
+            raw = {**raw, "layer_types": ["sliding_attention" if raw.get("sliding_window") is not None and i >= mwl
+                                          else "full_attention" for i in range(L)]}
+        kw.update(qk_norm="head", o_bias=bias, sliding_windows=_qwen2_windows(raw, L))
+    return kw
+
+
+def _rotary_dim(raw: dict, mt: str, hd: int) -> int:
+    """Dims of each head that RoPE rotates (the first ones): transformers' int(head_dim *
+    partial_rotary_factor) for GLM-4.5 (default 0.5) and MiniMax-M2 (or its ``rotary_dim``);
+    the whole head for every other family."""
+    if mt not in ("glm4_moe", "minimax_m2"):
+        return hd
+    rp = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
+    factor = rp.get("partial_rotary_factor", raw.get("partial_rotary_factor"))
+    if factor is None and mt == "minimax_m2" and raw.get("rotary_dim") is not None:
+        return raw["rotary_dim"]
+    if factor is None:
+        factor = 0.5 if mt == "glm4_moe" else 1.0
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+        raise ValueError(f"partial_rotary_factor = {factor!r} must be a number in (0, 1]")
+    return int(hd * factor)
+
+
 def to_hf(cfg) -> dict:
     """The config.json that transformers reads back as the same ``ModelConfig``."""
     common = {
@@ -97,7 +149,9 @@ def to_hf(cfg) -> dict:
         else (cfg.eos_token_ids[0] if cfg.eos_token_ids else None),
         "architectures": [_ARCH[cfg.model_type]],
     }
-    if cfg.model_type == "olmoe":
+    if cfg.model_type in SIGMOID_ROUTED:
+        common.update(_sigmoid_routed_to_hf(cfg))
+    elif cfg.model_type == "olmoe":
         common.update(num_experts=cfg.num_experts, intermediate_size=cfg.moe_ffn, clip_qkv=cfg.clip_qkv,
                       attention_bias=cfg.qkv_bias, norm_topk_prob=cfg.norm_topk_prob)
     elif cfg.model_type == "mixtral":
@@ -117,8 +171,40 @@ def to_hf(cfg) -> dict:
     return common
 
 
+def _sigmoid_routed_to_hf(cfg) -> dict:
+    factor = cfg.rotary_dim / cfg.head_dim
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": factor}
+    if cfg.model_type == "minimax_m2":
+        return dict(num_local_experts=cfg.num_experts, intermediate_size=cfg.moe_ffn, rotary_dim=cfg.rotary_dim,
+                    rope_parameters=rope)
+    k = cfg.moe_layers.index(True) if any(cfg.moe_layers) else cfg.num_layers
+    if cfg.moe_layers != tuple(i >= k for i in range(cfg.num_layers)):
+        raise ValueError(f"{cfg.model_type} has dense layers only first (first_k_dense_replace); "
+                         f"moe_layers {cfg.moe_layers} cannot be written")
+    if cfg.shared_expert_ffn % cfg.moe_ffn or cfg.shared_expert_gated:
+        raise ValueError(f"{cfg.model_type}'s shared experts are ungated and n_shared_experts x "
+                         f"moe_intermediate_size wide; shared_expert_ffn {cfg.shared_expert_ffn} is not a "
+                         f"multiple of moe_ffn {cfg.moe_ffn}")
+    out = dict(n_routed_experts=cfg.num_experts, moe_intermediate_size=cfg.moe_ffn,
+               intermediate_size=cfg.dense_ffn or cfg.moe_ffn, first_k_dense_replace=k,
+               n_shared_experts=cfg.shared_expert_ffn // cfg.moe_ffn, n_group=cfg.n_group,
+               topk_group=cfg.topk_group, routed_scaling_factor=cfg.routed_scaling,
+               norm_topk_prob=cfg.norm_topk_prob, attention_bias=cfg.qkv_bias)
+    if cfg.model_type == "glm4_moe":
+        return {**out, "use_qk_norm": cfg.qk_norm == "head", "rope_parameters": rope, "num_nextn_predict_layers": 0}
+    if cfg.rotary_dim != cfg.head_dim:
+        raise ValueError(f"dots1 rotates the whole head; rotary_dim {cfg.rotary_dim} != head_dim {cfg.head_dim} "
+                         "cannot be written")
+    windows = [w for w in cfg.sliding_windows if w]
+    if len(set(windows)) > 1:
+        raise ValueError(f"dots1 has one sliding_window; sliding_windows {cfg.sliding_windows} cannot be written")
+    return {**out, "sliding_window": windows[0] if windows else None, "max_window_layers": cfg.num_layers,
+            "layer_types": ["sliding_attention" if w else "full_attention" for w in cfg.sliding_windows]}
+
+
 _ARCH = {"olmoe": "OlmoeForCausalLM", "mixtral": "MixtralForCausalLM",
-         "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+         "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+         "glm4_moe": "Glm4MoeForCausalLM", "dots1": "Dots1ForCausalLM", "minimax_m2": "MiniMaxM2ForCausalLM"}
 
 
 def _req(raw: dict, key: str):
@@ -137,15 +223,15 @@ def _eos(v, vocab_size: int) -> tuple[int, ...]:
     return tuple(i for i in ids if 0 <= i < vocab_size)
 
 
-def _rope_theta(raw: dict) -> float:
+def _rope_theta(raw: dict, default: float = 10000.0) -> float:
     rp = raw.get("rope_parameters")  # transformers 5
     scaling = raw.get("rope_scaling")  # transformers 4
     if isinstance(rp, dict):
         kind = rp.get("rope_type", rp.get("type", "default"))
-        theta = rp.get("rope_theta", raw.get("rope_theta", 10000.0))
+        theta = rp.get("rope_theta", raw.get("rope_theta", default))
     else:
         kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-        theta = raw.get("rope_theta", 10000.0)
+        theta = raw.get("rope_theta", default)
     if kind != "default":
         raise ValueError(f"rope type {kind!r} is not supported (only 'default' RoPE); "
                          "remove rope_scaling or use a checkpoint without it")

@@ -23,10 +23,11 @@ from .parallel import LayoutError, ParallelConfig
 
 
 def shard_params(cfg: ModelConfig, par: ParallelConfig, rank: int) -> int:
-    """Parameters rank ``rank`` holds, counted on a meta-device build of its shard."""
+    """Parameters rank ``rank`` holds (and loaded buffers: a router's correction bias),
+    counted on a meta-device build of its shard."""
     with torch.device("meta"):
         m = MoEModel(cfg, Comm(par, rank), par.stage_layers(cfg.num_layers)[par.coord(rank).pp])
-    return sum(p.numel() for p in m.parameters())
+    return sum(p.numel() for p in m.parameters()) + sum(b.numel() for b in m.buffers())
 
 
 def rank_table(cfg: ModelConfig, par: ParallelConfig, dtype_bytes: int = 2) -> list[dict]:

@@ -7,11 +7,20 @@ initialise presets from a seed, and save in the HF layout that transformers load
 
 Missing, unexpected or mis-shaped tensors raise ``CheckpointError`` listing every name
 with its expected and found shape. Never unpickles anything.
+
+Also read: FP8 (e4m3) weights with 128 x 128 block scales (``<name>_scale_inv``, float32
+``[ceil(rows/128), ceil(cols/128)]``, DeepSeek-V3 / GLM-4.5-FP8 style), dequantized at
+load into the run dtype from just the rank's slice and its scale blocks; and checkpoints
+holding multi-token-prediction layers (``model.layers.N``, N >= num_hidden_layers), whose
+tensors are skipped with one log line.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +35,11 @@ from .model import MoEModel
 
 INDEX = "model.safetensors.index.json"
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")  # safetensors' dtype names the loader converts
+FP8_DTYPE = "F8_E4M3"  # read only with its block scales
+FP8_BLOCK = 128  # rows and columns one scale covers
+SCALE_SUFFIX = "_scale_inv"  # <name>.weight_scale_inv: dequantized = fp8 * scale (per block)
+
+log = logging.getLogger("moerun")
 
 
 class CheckpointError(ValueError):
@@ -87,6 +101,12 @@ def load_checkpoint(model, path: str | Path, progress: bool = False) -> LoadRepo
     expected = full_model_shapes(model.cfg)
     problems = []
     ignorable = {"lm_head.weight"} if model.cfg.tie_word_embeddings else set()
+    mtp = _mtp_tensors(files, model.cfg.num_layers)
+    if mtp:
+        layers = sorted({int(_LAYER.match(n).group(1)) for n in mtp})
+        log.info("skipping %d tensors of layer(s) %s: multi-token-prediction layers past num_hidden_layers "
+                 "(%d), which moerun does not run", len(mtp), ", ".join(map(str, layers)), model.cfg.num_layers)
+    ignorable |= mtp | {n for n in files if n.endswith(SCALE_SUFFIX) and n[:-len(SCALE_SUFFIX)] in expected}
     unexpected = sorted(n for n in files if n not in expected and n not in ignorable
                         and not n.endswith("rotary_emb.inv_freq"))
     if unexpected:
@@ -114,30 +134,68 @@ def load_checkpoint(model, path: str | Path, progress: bool = False) -> LoadRepo
             if shape != tuple(spec.shape):
                 misshaped.append(f"{spec.name}: expected {list(spec.shape)}, found {list(shape)}")
                 continue
-            if sl.get_dtype() not in FLOAT_DTYPES:
-                wrong_dtype.append(f"{spec.name}: {sl.get_dtype()}")
+            scale = spec.name + SCALE_SUFFIX
+            if sl.get_dtype() == FP8_DTYPE and scale in files and len(shape) == 2:
+                if files[scale] not in handles:
+                    handles[files[scale]] = _open(files[scale])
+                s_sl = handles[files[scale]].get_slice(scale)
+                want = (math.ceil(shape[0] / FP8_BLOCK), math.ceil(shape[1] / FP8_BLOCK))
+                if tuple(s_sl.get_shape()) != want or s_sl.get_dtype() not in FLOAT_DTYPES:
+                    misshaped.append(f"{scale}: expected {list(want)} float ({FP8_BLOCK}x{FP8_BLOCK} blocks of "
+                                     f"{list(shape)}), found {list(s_sl.get_shape())} {s_sl.get_dtype()}")
+                    continue
+                t, n_bytes = dequant_fp8_block(sl, s_sl, spec.index, shape)
+            elif sl.get_dtype() not in FLOAT_DTYPES:
+                wrong_dtype.append(f"{spec.name}: {sl.get_dtype()}" + (
+                    f" without its block scales {scale}" if sl.get_dtype() == FP8_DTYPE else ""))
                 continue
-            t = sl[spec.index] if spec.index else sl[:]
+            else:
+                t = sl[spec.index] if spec.index else sl[:]
+                n_bytes = t.numel() * t.element_size()
             # one reduction per tensor: a NaN or inf anywhere makes the sum non-finite
             if not torch.isfinite(t.float().sum()):
                 non_finite.append(spec.name)
                 continue
             spec.dest.data.copy_(t.to(spec.dest.dtype))
-            bytes_read += t.numel() * t.element_size()
+            bytes_read += n_bytes
     finally:
         handles.clear()
         bar.close()
     if misshaped:
         problems.append(f"mis-shaped tensors ({len(misshaped)}): " + "; ".join(misshaped[:20]))
     if wrong_dtype:
-        problems.append(f"tensors that are not floating point ({len(wrong_dtype)}; weights must be F32, F16 or "
-                        "BF16): " + "; ".join(wrong_dtype[:20]))
+        problems.append(f"tensors that are not floating point ({len(wrong_dtype)}; weights must be F32, F16, "
+                        f"BF16, or F8_E4M3 with {FP8_BLOCK}x{FP8_BLOCK} block scales <name>{SCALE_SUFFIX}): "
+                        + "; ".join(wrong_dtype[:20]))
     if non_finite:
         problems.append(f"tensors holding NaN or inf ({len(non_finite)}): " + ", ".join(non_finite[:20]))
     if problems:
         raise CheckpointError(f"checkpoint {path} does not match model_type {model.cfg.model_type!r} "
                               f"as its config.json describes it:\n  " + "\n  ".join(problems))
     return LoadReport(bytes_read, len(specs))
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def _mtp_tensors(files, num_layers: int) -> set[str]:
+    """Tensors of layers past the model's last (GLM-4.5's / DeepSeek-V3's MTP modules)."""
+    return {n for n in files if (m := _LAYER.match(n)) and int(m.group(1)) >= num_layers}
+
+
+def dequant_fp8_block(w_sl, s_sl, index: tuple[slice, ...], shape: tuple[int, int]):
+    """The part ``index`` of an FP8 weight [rows, cols] in float32: reads that part of the
+    weight and just the scale blocks covering it (``s_sl`` [ceil(rows/128), ceil(cols/128)]).
+    Returns (tensor, bytes read)."""
+    idx = tuple(index) + (slice(None),) * (2 - len(index))
+    (r0, r1, _), (c0, c1, _) = idx[0].indices(shape[0]), idx[1].indices(shape[1])
+    B = FP8_BLOCK
+    w = w_sl[r0:r1, c0:c1]
+    s = s_sl[r0 // B: max(math.ceil(r1 / B), r0 // B), c0 // B: max(math.ceil(c1 / B), c0 // B)]
+    s_full = s.float().repeat_interleave(B, 0).repeat_interleave(B, 1)
+    dr, dc = r0 - r0 // B * B, c0 - c0 // B * B
+    out = w.float() * s_full[dr: dr + (r1 - r0), dc: dc + (c1 - c0)]
+    return out, w.numel() * w.element_size() + s.numel() * s.element_size()
 
 
 def _seed_for(seed: int, name: str) -> int:

@@ -33,7 +33,7 @@ def test_seed_30b_param_count_without_allocating():
     assert sum(torch.Size(s).numel() for s in shapes.values()) == expected
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "glm4_moe", "dots1", "minimax_m2"])
 def test_save_load_round_trip_through_transformers(family, hf_checkpoint, tmp_path):
     import transformers
 

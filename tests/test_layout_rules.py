@@ -96,7 +96,8 @@ def test_layout_cli_json_and_error():
     assert p.returncode == 2 and "world size" in p.stderr and "expert parallelism" in p.stderr
 
 
-@pytest.mark.parametrize("family, layout", [("olmoe", (4, 1, 2, 1)), ("qwen2_moe", (2, 3, 4, 2))])
+@pytest.mark.parametrize("family, layout", [("olmoe", (4, 1, 2, 1)), ("qwen2_moe", (2, 3, 4, 2)),
+                                            ("glm4_moe", (2, 1, 4, 2))])
 def test_each_rank_reads_only_its_share(family, layout, hf_checkpoint):
     """Load every rank's shard in this process (loading needs no collectives) and count
     the bytes read against a bound computed from the checkpoint's own tensor sizes."""

@@ -3,7 +3,7 @@
 Each case launches torchrun on this machine's CPU. Covered: world sizes 2, 4 and 8;
 TP, PP, EP and DP each > 1 somewhere; ep < dp*tp (replicated experts); tp > KV heads;
 uneven pipeline stages; more DP replicas than prompts; the tiny preset and HF
-checkpoints of several families.
+checkpoints of several families (one FP8 block-quantized, read slice by slice).
 """
 from __future__ import annotations
 
@@ -61,6 +61,10 @@ CASES = [  # (model, tp, pp, ep, dp, prompts)
     pytest.param("tiny", 2, 2, 4, 2, 5, id="w8-tiny-tp2-pp2-ep4-dp2"),
     pytest.param("qwen3_moe", 2, 2, 2, 2, 3, id="w8-qwen3-replicated-experts"),
     pytest.param("olmoe", 1, 3, 1, 1, 2, id="w3-olmoe-pp3"),
+    # sigmoid-routed families (groups, correction bias, partial rotary, dense first layers)
+    pytest.param("glm4_moe-fp8", 2, 1, 2, 1, 3, id="w2-glm4-fp8-blocks-mtp-tp2-ep2"),
+    pytest.param("dots1", 2, 1, 2, 1, 3, id="w2-dots1-sliding-tp2-ep2"),
+    pytest.param("minimax_m2", 2, 1, 2, 1, 3, id="w2-minimax-full-qknorm-tp2-ep2"),
 ]
 
 

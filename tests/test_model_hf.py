@@ -10,7 +10,7 @@ from moerun.build import build_model, forward_logits
 from moerun.engine import Engine
 from moerun.options import SamplingParams
 
-FAMILY_NAMES = ["olmoe", "mixtral", "qwen2_moe", "qwen3_moe"]
+FAMILY_NAMES = ["olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "dots1", "minimax_m2", "glm4_moe-fp8"]
 
 
 def random_prompts(n, vocab, gen, lo=1, hi=14):

@@ -5,7 +5,7 @@ Each layer holds only its rank's slice of the full weight and lists, with
 ``specs(prefix)``, which slice of which checkpoint tensor fills it. With the default
 full ranges every layer is the plain single-process layer.
 
-Shape legend: T = tokens, H = hidden, V = vocab, D = head dim.
+Shape legend: T = tokens, H = hidden, V = vocab, D = head dim, R = rotated dims of a head.
 """
 from __future__ import annotations
 
@@ -40,18 +40,24 @@ class RMSNorm(nn.Module):
         return [TensorSpec(name, (full,), self.weight, rows(part) if part else ())]
 
 
-def rope_cos_sin(positions_T: torch.Tensor, head_dim: int, theta: float, dtype):
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions_T.device,
-                                             dtype=torch.float32) / head_dim))
-    freqs = positions_T.float()[:, None] * inv_freq[None, :]  # [T, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+def rope_cos_sin(positions_T: torch.Tensor, rotary_dim: int, theta: float, dtype):
+    """cos, sin [T, R] of RoPE over the first R = ``rotary_dim`` dims of a head (R = D, or
+    less with a partial rotary factor), in the rotate-half layout (frequencies repeated)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=positions_T.device,
+                                             dtype=torch.float32) / rotary_dim))
+    freqs = positions_T.float()[:, None] * inv_freq[None, :]  # [T, R/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [T, R]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rope(x_TND: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
-    half = x_TND.shape[-1] // 2
+def apply_rope(x_TND: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on the first R dims of every head; dims R..D pass unchanged."""
+    R = cos_TR.shape[-1]
+    if R < x_TND.shape[-1]:
+        return torch.cat((apply_rope(x_TND[..., :R], cos_TR, sin_TR), x_TND[..., R:]), dim=-1)
+    half = R // 2
     rot = torch.cat((-x_TND[..., half:], x_TND[..., :half]), dim=-1)
-    return x_TND * cos_TD[:, None, :] + rot * sin_TD[:, None, :]
+    return x_TND * cos_TR[:, None, :] + rot * sin_TR[:, None, :]
 
 
 class Linear(nn.Module):

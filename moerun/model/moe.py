@@ -1,6 +1,11 @@
 """The MoE block: replicated router, experts held as stacked tensors, and the dispatch
 seam where expert parallelism's all-to-all sits. Also the dense SwiGLU MLP (Qwen's
-``mlp_only_layers``) and Qwen2-MoE's gated shared expert.
+``mlp_only_layers``, GLM-4.5's and dots.llm1's dense first layers), Qwen2-MoE's gated
+shared expert and the ungated shared experts of GLM-4.5 / dots.llm1.
+
+The router runs ``kernels.route`` with the config's scoring: softmax, or sigmoid scores
+(float32 logits) chosen with the float32 ``e_score_correction_bias`` buffer, group-limited
+and scaled.
 
 Experts are the parameters ``w13 [E_local, 2F, H]`` (gate rows, then up rows) and
 ``w2 [E_local, H, F]`` (down), the shapes the fused kernels take. Their memory is K-major
@@ -29,7 +34,9 @@ from ..weights_spec import TensorSpec
 from .layers import Linear
 
 # HF tensor names of one expert's (gate, up, down) projections, by family.
-_EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2")}
+_EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"), "minimax_m2": ("w1", "w3", "w2")}
+# where the router's correction bias sits, relative to the MoE block (default: in the gate)
+_BIAS_NAMES = {"minimax_m2": "e_score_correction_bias"}
 _DEFAULT_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -60,12 +67,22 @@ class MoE(nn.Module):
         self.gate = Linear(H, E, dtype=dtype)  # the router, replicated
         self.w13 = nn.Parameter(torch.empty(self.num_local, H, 2 * Fw, dtype=dtype).transpose(1, 2))
         self.w2 = nn.Parameter(torch.empty(self.num_local, Fw, H, dtype=dtype).transpose(1, 2))
+        # chooses experts only (sigmoid scoring); float32 like the scores it is added to
+        self.register_buffer("e_score_correction_bias",
+                             torch.zeros(E, dtype=torch.float32) if cfg.score_bias else None)
         self.shared_expert = DenseMLP(H, cfg.shared_expert_ffn, dtype) if cfg.shared_expert_ffn else None
-        self.shared_expert_gate = Linear(H, 1, dtype=dtype) if cfg.shared_expert_ffn else None
+        gated = cfg.shared_expert_ffn and cfg.shared_expert_gated
+        self.shared_expert_gate = Linear(H, 1, dtype=dtype) if gated else None
 
     def route(self, x_tH: torch.Tensor):
-        logits_tE = self.gate(x_tH)
-        return kernels.topk_softmax(logits_tE, self.cfg.top_k, self.cfg.norm_topk_prob)  # [t, K] f32, int32
+        cfg = self.cfg
+        if cfg.scoring == "sigmoid":  # float32 logits: near-equal scores choose the reference's experts
+            logits_tE = F.linear(x_tH.float(), self.gate.weight.float())
+        else:
+            logits_tE = self.gate(x_tH)
+        return kernels.route(logits_tE, cfg.top_k, scoring=cfg.scoring, renormalize=cfg.norm_topk_prob,
+                             bias_E=self.e_score_correction_bias, num_groups=cfg.n_group,
+                             topk_groups=cfg.topk_group, scaling=cfg.routed_scaling)  # [t, K] f32, int32
 
     def forward(self, x_tH: torch.Tensor, prof=NULL_PROFILER) -> torch.Tensor:
         with prof.phase("router"):
@@ -79,7 +96,10 @@ class MoE(nn.Module):
             out = self._expert_parallel(x_tH, weights_tK, ids_tK, prof)
         if self.shared_expert is not None:
             with prof.phase("dense_mlp"):
-                out = out + torch.sigmoid(self.shared_expert_gate(x_tH)) * self.shared_expert(x_tH)
+                shared_tH = self.shared_expert(x_tH)
+                if self.shared_expert_gate is not None:
+                    shared_tH = torch.sigmoid(self.shared_expert_gate(x_tH)) * shared_tH
+                out = out + shared_tH
         return out
 
     def _expert_parallel(self, x_tH, weights_tK, ids_tK, prof) -> torch.Tensor:
@@ -108,12 +128,17 @@ class MoE(nn.Module):
         cfg, Fw, H = self.cfg, self.cfg.moe_ffn, self.cfg.hidden_size
         gate_n, up_n, down_n = _EXPERT_NAMES.get(cfg.model_type, _DEFAULT_EXPERT_NAMES)
         s = self.gate.specs(f"{prefix}.gate")
+        if self.e_score_correction_bias is not None:
+            name = f"{prefix}.{_BIAS_NAMES.get(cfg.model_type, 'gate.e_score_correction_bias')}"
+            s.append(TensorSpec(name, (cfg.num_experts,), self.e_score_correction_bias))
         for j in range(self.num_local):
             e = f"{prefix}.experts.{self.expert_start + j}"
             s += [TensorSpec(f"{e}.{gate_n}.weight", (Fw, H), self.w13[j, :Fw]),
                   TensorSpec(f"{e}.{up_n}.weight", (Fw, H), self.w13[j, Fw:]),
                   TensorSpec(f"{e}.{down_n}.weight", (H, Fw), self.w2[j])]
-        if self.shared_expert is not None:
+        if self.shared_expert_gate is not None:  # Qwen2-MoE
             s += self.shared_expert.specs(f"{prefix}.shared_expert")
             s += self.shared_expert_gate.specs(f"{prefix}.shared_expert_gate")
+        elif self.shared_expert is not None:  # GLM-4.5, dots.llm1: n_shared_experts fused into one MLP
+            s += self.shared_expert.specs(f"{prefix}.shared_experts")
         return s

@@ -30,7 +30,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MoE(cfg, comm, layer, dtype) if cfg.moe_layers[layer] else DenseMLP(
             cfg.hidden_size, cfg.dense_ffn, dtype)
-        self.moe_prefix = "block_sparse_moe" if cfg.model_type == "mixtral" else "mlp"
+        self.moe_prefix = "block_sparse_moe" if cfg.model_type in ("mixtral", "minimax_m2") else "mlp"
 
     def forward(self, h_TH, cos, sin, meta: AttnMeta, cache, local_layer: int, prof=NULL_PROFILER) -> torch.Tensor:
         T = h_TH.shape[0]
@@ -86,7 +86,7 @@ class MoEModel(nn.Module):
         else:
             h = x
         with prof.phase("qkv"):  # the rotary tables every layer's q and k use
-            cos, sin = rope_cos_sin(positions_T, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
+            cos, sin = rope_cos_sin(positions_T, self.cfg.rotary_dim, self.cfg.rope_theta, h.dtype)
         for j, layer in enumerate(self.layers):
             h = layer(h, cos, sin, meta, cache, j, prof)
         if not self.is_last:

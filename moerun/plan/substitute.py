@@ -24,7 +24,8 @@ Pure Python on top of ``moerun.parallel`` (its rules, never re-implemented); no 
    valid for the model is valid for the narrow one; the widths shrink to ``NARROW``.
 4. Shard model (one GPU standing for a rank): the layers, experts, heads and vocabulary
    rows one rank holds, as a one-process model. It routes its tokens among its own experts
-   (no all-to-all) and runs no collective: it measures compute and memory, not communication.
+   (no all-to-all; one expert group, whatever the model's n_group) and runs no collective:
+   it measures compute and memory, not communication.
 """
 from __future__ import annotations
 
@@ -117,8 +118,10 @@ def narrow_model(model: ModelConfig) -> ModelConfig:
     """``model`` with the widths of ``NARROW`` (where narrower) and everything the layout
     rules read unchanged (rule 3 above)."""
     widths = {k: min(getattr(model, k), v) if getattr(model, k) else 0 for k, v in NARROW.items()}
+    # a partial rotary keeps its fraction of the narrowed head (even, >= 2)
+    rotary = max(2, model.rotary_dim * widths["head_dim"] // model.head_dim // 2 * 2)
     name = f"{model.name or model.model_type}, narrowed"
-    return model.replace(name=name, **widths, **_in_vocab(model, widths["vocab_size"]))
+    return model.replace(name=name, rotary_dim=rotary, **widths, **_in_vocab(model, widths["vocab_size"]))
 
 
 def describe_model(model: ModelConfig) -> str:
@@ -141,6 +144,6 @@ def shard_model(model: ModelConfig, layout: ParallelConfig, rank: int = 0) -> Mo
         name=f"rank {rank} shard of {model.name or model.model_type} {layout}",
         num_layers=len(layers), moe_layers=tuple(model.moe_layers[i] for i in layers),
         sliding_windows=tuple(model.sliding_windows[i] for i in layers),
-        num_experts=experts, top_k=min(model.top_k, experts), vocab_size=vocab,
+        num_experts=experts, top_k=min(model.top_k, experts), vocab_size=vocab, n_group=1, topk_group=1,
         num_heads=len(layout.q_heads_of(c.tp, model.num_heads)),
         num_kv_heads=len(layout.kv_heads_of(c.tp, model.num_kv_heads)), **_in_vocab(model, vocab))
