@@ -136,5 +136,5 @@ def test_both_rope_spellings():
 
 
 def test_unknown_preset():
-    with pytest.raises(ValueError, match="neither a directory with config.json nor a preset; presets: seed-30b, tiny"):
+    with pytest.raises(ValueError, match="neither a directory with config.json nor a preset; presets: cpu-1024, seed-30b, tiny"):
         ModelConfig.load("nope")
