@@ -37,6 +37,12 @@ FAMILIES = {
                       qkv_bias=True, tie_word_embeddings=True),
     "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=80,
                       head_dim=24, norm_topk_prob=True, attention_bias=True, decoder_sparse_step=1),
+    # yarn RoPE (a factor and an attention factor that matter at these lengths), sinks with
+    # sliding windows on alternate layers, a SwiGLU limit low enough to clamp, ids in the vocab
+    "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, head_dim=16,
+                    sliding_window=4, swiglu_limit=1.5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "beta_fast": 32.0,
+                                     "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64}),
 }
 
 
@@ -44,7 +50,8 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
     import transformers
 
     cls = {"olmoe": transformers.OlmoeConfig, "mixtral": transformers.MixtralConfig,
-           "qwen2_moe": transformers.Qwen2MoeConfig, "qwen3_moe": transformers.Qwen3MoeConfig}[family]
+           "qwen2_moe": transformers.Qwen2MoeConfig, "qwen3_moe": transformers.Qwen3MoeConfig,
+           "gpt_oss": transformers.GptOssConfig}[family]
     kw = {**COMMON, **FAMILIES[family], **overrides}
     kw.setdefault("eos_token_id", None)
     cfg = cls(**kw)

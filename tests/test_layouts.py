@@ -61,6 +61,7 @@ CASES = [  # (model, tp, pp, ep, dp, prompts)
     pytest.param("tiny", 2, 2, 4, 2, 5, id="w8-tiny-tp2-pp2-ep4-dp2"),
     pytest.param("qwen3_moe", 2, 2, 2, 2, 3, id="w8-qwen3-replicated-experts"),
     pytest.param("olmoe", 1, 3, 1, 1, 2, id="w3-olmoe-pp3"),
+    pytest.param("gpt_oss", 2, 1, 2, 1, 3, id="w2-gpt_oss-tp2-ep2"),  # sinks, yarn, fused biased experts
 ]
 
 
