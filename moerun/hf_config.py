@@ -186,10 +186,7 @@ def _rope(raw: dict, mt: str) -> dict:
     original = params.get("original_max_position_embeddings", raw.get("original_max_position_embeddings", max_pos))
     if kind != "linear" and (type(original) is not int or original < 1):
         raise ValueError(f"{where}: original_max_position_embeddings = {original!r} must be a positive integer")
-    factor = params.get("factor")
-    if factor is None and kind == "yarn":  # DeepSeek-V3 style: the context extension itself
-        factor = max_pos / original
-    factor = _num({"factor": factor}, "factor", None, where)
+    factor = _num(params, "factor", None, where)
     if factor is None or factor <= 0:
         raise ValueError(f"{where}: rope type {kind!r} needs a positive 'factor'")
     out.update(rope_factor=factor)
