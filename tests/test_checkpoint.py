@@ -132,6 +132,21 @@ def test_bad_config_is_rejected(edit, message, hf_checkpoint, tmp_path):
         ModelConfig.load(tmp_path)
 
 
+@pytest.mark.parametrize("edit, message", [
+    ({"layer_types": ["sliding_attention", "full_attention"]}, "layer_types has 2 entries, num_hidden_layers is 3"),
+    ({"layer_types": ["sliding_attention", "chunked_attention", "full_attention"]},
+     r"layer_types \['chunked_attention'\] are not supported"),
+    ({"sliding_window": None}, "sliding_attention layers but sliding_window is not set"),
+    ({"swiglu_limit": "7"}, "swiglu_limit = '7' must be a number"),
+])
+def test_bad_gpt_oss_config_is_rejected(edit, message, hf_checkpoint, tmp_path):
+    path, _ = hf_checkpoint("gpt_oss")
+    raw = {**json.loads((path / "config.json").read_text()), **edit}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.load(tmp_path)
+
+
 def test_both_rope_spellings():
     base = json.loads(open(ModelConfig.load.__globals__["PRESET_DIR"] / "tiny.json").read())
     v4 = {**base, "rope_theta": 12345.0}

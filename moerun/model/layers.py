@@ -43,7 +43,7 @@ class RMSNorm(nn.Module):
 def rope_cos_sin(positions_T: torch.Tensor, inv_freq_R: torch.Tensor, dtype, attention_factor: float = 1.0):
     """cos and sin [T, 2R] of positions times ``inv_freq_R`` [R] (``moerun.model.rope``), both
     multiplied by the RoPE type's attention factor (YaRN's; 1 otherwise)."""
-    freqs = positions_T.float()[:, None] * inv_freq_R.to(positions_T.device)[None, :]  # [T, R]
+    freqs = positions_T.float()[:, None] * inv_freq_R.to(positions_T.device, torch.float32)[None, :]  # [T, R]
     emb = torch.cat((freqs, freqs), dim=-1)  # [T, 2R]
     if attention_factor != 1.0:
         return (emb.cos() * attention_factor).to(dtype), (emb.sin() * attention_factor).to(dtype)
