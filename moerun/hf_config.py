@@ -219,8 +219,9 @@ def _rope_to_hf(cfg) -> dict:
         out.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor)
     elif cfg.rope_type == "yarn":
         out.update(beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow, truncate=cfg.rope_truncate)
-        out.update({k: v for k, v in (("mscale", cfg.rope_mscale), ("mscale_all_dim", cfg.rope_mscale_all_dim),
-                                      ("attention_factor", cfg.rope_attention_factor)) if v})
+        out.update({k: v for k, v in (("mscale", cfg.rope_mscale), ("mscale_all_dim", cfg.rope_mscale_all_dim)) if v})
+        if cfg.rope_attention_factor is not None:
+            out["attention_factor"] = cfg.rope_attention_factor
     return out
 
 

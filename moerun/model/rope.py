@@ -90,7 +90,9 @@ def rope_parameters(cfg, dim: int | None = None) -> tuple[torch.Tensor, float]:
         return llama3_inv_freq(theta, dim, factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
                                original), 1.0
     if kind == "yarn":
-        attn = cfg.rope_attention_factor or yarn_attention_factor(factor, cfg.rope_mscale, cfg.rope_mscale_all_dim)
+        attn = cfg.rope_attention_factor
+        if attn is None:
+            attn = yarn_attention_factor(factor, cfg.rope_mscale, cfg.rope_mscale_all_dim)
         return yarn_inv_freq(theta, dim, factor, original, cfg.rope_beta_fast, cfg.rope_beta_slow,
                              cfg.rope_truncate), float(attn)
     raise ValueError(f"rope type {kind!r} is not one of {', '.join(ROPE_TYPES)}")
