@@ -173,12 +173,16 @@ def _rope(raw: dict, mt: str) -> dict:
     params = scaling if isinstance(scaling, dict) else rp if isinstance(rp, dict) else None
     if params is None:
         params = _DEFAULT_ROPE.get(mt, {})
+    nested = sorted(k for k, v in params.items() if isinstance(v, dict))
+    if nested:
+        raise ValueError(f"RoPE parameters per layer type ({', '.join(nested)}) are not supported: "
+                         "moerun reads one rope_parameters dict for all layers")
     theta = params.get("rope_theta", raw.get("rope_theta", _DEFAULT_THETA.get(mt, 10000.0)))
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ROPE_TYPES:
         raise ValueError(f"rope type {kind!r} is not supported; moerun reads the rope types "
                          f"{', '.join(ROPE_TYPES)}: use a checkpoint with one of them")
-    where = "rope_parameters" if params is rp else "rope_scaling"
+    where = "rope_parameters" if params is rp else "rope_scaling" if params is scaling else f"{mt}'s default RoPE"
     out = dict(rope_theta=_num({"rope_theta": theta}, "rope_theta", 10000.0), rope_type=kind)
     if kind == "default":
         return out

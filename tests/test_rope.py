@@ -80,6 +80,8 @@ def test_rope_fields_survive_to_hf():
     ({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 0.5},
      "original_max_position_embeddings = 0.5 must be a positive integer"),
     ({"rope_type": "linear", "factor": "2"}, "factor = '2' must be a number"),
+    ({"full_attention": {"rope_type": "default"}, "sliding_attention": {"rope_type": "linear", "factor": 2.0}},
+     r"RoPE parameters per layer type \(full_attention, sliding_attention\) are not supported"),
 ])
 def test_bad_rope_is_named(params, message):
     with pytest.raises(ValueError, match=message):
