@@ -79,3 +79,53 @@ def hf_checkpoint(tmp_path_factory):
             made[family] = (d, model)
         return made[family]
     return get
+
+
+def hf_dequantize(blocks, scales, dtype=torch.float32):
+    """transformers' own MXFP4 dequantization (the reference moerun's is checked against)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    return convert_moe_packed_tensors(blocks, scales, dtype=dtype)
+
+
+def quantized_copy(src, dst):
+    """The checkpoint at ``src`` with every fused expert tensor as MXFP4, the way GPT-OSS
+    ships: ``<name>_blocks`` / ``<name>_scales`` and a quantization_config in config.json.
+    Returns the expert tensors as transformers dequantizes them."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from moerun import mxfp4
+
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    dequantized = {}
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        blocks, scales = mxfp4.quantize(tensors.pop(name))
+        tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = blocks, scales
+        dequantized[name] = hf_dequantize(blocks, scales)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    raw = json.loads((dst / "config.json").read_text())
+    raw["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (dst / "config.json").write_text(json.dumps(raw))
+    return dequantized
+
+
+@pytest.fixture(scope="session")
+def gpt_oss_mxfp4(tmp_path_factory):
+    """(directory of a GPT-OSS checkpoint with MXFP4 experts, transformers model holding the
+    dequantized experts), built once per session."""
+    src = tmp_path_factory.mktemp("gpt_oss_unquantized")
+    hf = make_hf_model("gpt_oss", seed=5)
+    hf.save_pretrained(src)
+    dst = tmp_path_factory.mktemp("gpt_oss_mxfp4") / "ckpt"
+    dequantized = quantized_copy(src, dst)
+    params = dict(hf.named_parameters())
+    with torch.no_grad():
+        for name, t in dequantized.items():
+            assert not torch.equal(params[name], t)  # quantizing changed the weights
+            params[name].copy_(t)
+    return dst, hf

@@ -61,15 +61,18 @@ CASES = [  # (model, tp, pp, ep, dp, prompts)
     pytest.param("tiny", 2, 2, 4, 2, 5, id="w8-tiny-tp2-pp2-ep4-dp2"),
     pytest.param("qwen3_moe", 2, 2, 2, 2, 3, id="w8-qwen3-replicated-experts"),
     pytest.param("olmoe", 1, 3, 1, 1, 2, id="w3-olmoe-pp3"),
-    pytest.param("gpt_oss", 2, 1, 2, 1, 3, id="w2-gpt_oss-tp2-ep2"),  # sinks, yarn, fused biased experts
+    # sinks, yarn, fused biased experts stored as MXFP4, dequantized rank by rank
+    pytest.param("gpt_oss_mxfp4", 2, 1, 2, 1, 3, id="w2-gpt_oss-mxfp4-tp2-ep2"),
 ]
 
 
 @pytest.mark.parametrize("model, tp, pp, ep, dp, n_prompts", CASES)
-def test_layout_equals_one_process(model, tp, pp, ep, dp, n_prompts, hf_checkpoint, tmp_path):
+def test_layout_equals_one_process(model, tp, pp, ep, dp, n_prompts, hf_checkpoint, tmp_path, request):
     """Every sampled token, its log probability and the top 5 of every step (prefill and
     decode) equal one process's."""
-    if model != "tiny":
+    if model == "gpt_oss_mxfp4":
+        model = str(request.getfixturevalue("gpt_oss_mxfp4")[0])
+    elif model != "tiny":
         model = str(hf_checkpoint(model)[0])
     ref = build_model(model)
     seed = 1000 + tp * 100 + pp * 10 + ep + dp

@@ -3,7 +3,6 @@ in that format (blocks + scales, quantization_config) runs like transformers on 
 dequantized weights, with each EP rank reading and dequantizing only its experts."""
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -19,13 +18,12 @@ from moerun.options import SamplingParams
 from moerun.parallel import ParallelConfig
 from moerun.weights import CheckpointError, load_checkpoint
 
-from conftest import make_hf_model
+from conftest import hf_dequantize
 
 
-def hf_dequantize(blocks, scales, dtype=torch.float32):
-    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
-
-    return convert_moe_packed_tensors(blocks, scales, dtype=dtype)
+@pytest.fixture
+def mxfp4_checkpoint(gpt_oss_mxfp4):
+    return gpt_oss_mxfp4
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -52,41 +50,6 @@ def test_quantize_is_nearest_and_stable():
     assert ((amax_units >= 4) & (amax_units < 8)).all()
     again = mxfp4.dequantize(*mxfp4.quantize(dq))
     assert torch.equal(again, dq)  # representable values are kept exactly
-
-
-def _quantized_copy(src, dst):
-    """The checkpoint at ``src`` with every fused expert tensor as MXFP4, the way GPT-OSS
-    ships: ``<name>_blocks`` / ``<name>_scales`` and a quantization_config in config.json.
-    Returns the dequantized expert tensors (transformers' own dequantization)."""
-    shutil.copytree(src, dst)
-    tensors = load_file(dst / "model.safetensors")
-    dequantized = {}
-    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
-        blocks, scales = mxfp4.quantize(tensors.pop(name))
-        tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = blocks, scales
-        dequantized[name] = hf_dequantize(blocks, scales)
-    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
-    raw = json.loads((dst / "config.json").read_text())
-    raw["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
-    (dst / "config.json").write_text(json.dumps(raw))
-    return dequantized
-
-
-@pytest.fixture(scope="module")
-def mxfp4_checkpoint(tmp_path_factory):
-    """(directory, transformers model holding the dequantized experts)."""
-    src = tmp_path_factory.mktemp("gpt_oss_bf")
-    hf = make_hf_model("gpt_oss", seed=5)
-    hf.save_pretrained(src)
-    dst = tmp_path_factory.mktemp("gpt_oss_mxfp4") / "ckpt"
-    dequantized = _quantized_copy(src, dst)
-    params = dict(hf.named_parameters())
-    with torch.no_grad():
-        for name, t in dequantized.items():
-            assert not torch.equal(params[name], t)  # quantizing changed the weights
-            params[name].copy_(t)
-    return dst, hf
 
 
 def test_mxfp4_checkpoint_matches_transformers(mxfp4_checkpoint):
@@ -117,11 +80,13 @@ def test_transformers_reads_the_written_file_alike(mxfp4_checkpoint):
     assert (forward_logits(build_model(str(path)), [ids])[0] - ref).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("quantized", [True, False], ids=["mxfp4", "fused"])
 @pytest.mark.parametrize("layout", [(2, 1, 2, 1), (1, 1, 4, 4)])
-def test_each_ep_rank_dequantizes_only_its_experts(layout, mxfp4_checkpoint):
+def test_each_ep_rank_reads_only_its_experts(layout, quantized, mxfp4_checkpoint, hf_checkpoint):
     """Every rank's shard (built in this process: loading needs no collectives) equals the
-    matching slice of the one-process model, and reads fewer bytes than the whole file."""
-    path, _ = mxfp4_checkpoint
+    matching slice of the one-process model, and reads fewer bytes than the whole file: the
+    fused tensors sliced by expert rows and de-interleaved, MXFP4 ones dequantized likewise."""
+    path = mxfp4_checkpoint[0] if quantized else hf_checkpoint("gpt_oss")[0]
     whole = build_model(str(path))
     tp, pp, ep, dp = layout
     par = ParallelConfig(tp=tp, pp=pp, ep=ep, dp=dp)
