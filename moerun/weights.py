@@ -107,12 +107,13 @@ def load_checkpoint(model, path: str | Path, progress: bool = False) -> LoadRepo
     misshaped, wrong_dtype, non_finite = [], [], []
     bar = tqdm(specs, desc="loading weights", unit="tensor", leave=False,
                disable=not (progress and sys.stderr.isatty()))
-    try:
-        def handle(name):
-            if files[name] not in handles:
-                handles[files[name]] = _open(files[name])
-            return handles[files[name]]
 
+    def handle(name):  # the open file holding tensor ``name`` (each file opened once)
+        if files[name] not in handles:
+            handles[files[name]] = _open(files[name])
+        return handles[files[name]]
+
+    try:
         for spec in bar:
             if spec.name in quantized:
                 t, problem = _read_mxfp4(spec, handle(f"{spec.name}_blocks"), handle(f"{spec.name}_scales"),
