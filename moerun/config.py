@@ -1,8 +1,9 @@
 """ModelConfig: the one description of a MoE model that every part of moerun reads.
 
 Built from a Hugging Face ``config.json`` (model_type ``olmoe``, ``mixtral``,
-``qwen2_moe``, ``qwen3_moe``, ``glm4_moe``, ``dots1``, ``minimax_m2``; transformers 4 ``rope_theta`` and transformers 5
-``rope_parameters`` spellings both accepted) or from a preset in ``configs/models/``.
+``qwen2_moe``, ``qwen3_moe``, ``glm4_moe``, ``dots1``, ``minimax_m2``, ``gpt_oss``;
+transformers 4 ``rope_theta`` / ``rope_scaling`` and transformers 5 ``rope_parameters``
+spellings both accepted) or from a preset in ``configs/models/``.
 
     cfg = ModelConfig.load("tiny")            # preset name
     cfg = ModelConfig.load("/path/to/ckpt")   # directory holding config.json
@@ -10,7 +11,9 @@ Built from a Hugging Face ``config.json`` (model_type ``olmoe``, ``mixtral``,
 
 Family differences are reduced to a few fields (``qk_norm``, ``qkv_bias``, ``o_bias``,
 ``norm_topk_prob``, ``shared_expert_ffn``, ``moe_layers``, ``sliding_windows``, the router's
-``scoring`` options, ``rotary_dim``) so the model code never branches on ``model_type``.
+``scoring`` options, ``rotary_dim``, GPT-OSS's ``router_bias``, ``expert_bias``,
+``expert_act``, ``attn_sinks``, and the ``rope_*`` scaling fields) so the model code never
+branches on ``model_type``.
 """
 from __future__ import annotations
 
@@ -20,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .configs import CONFIG_DIR  # configs/, shipped as moerun.configs
-from .hf_config import SUPPORTED_TYPES, fields_from_hf, to_hf
+from .hf_config import EXPERT_ACTS, ROPE_TYPES, SUPPORTED_TYPES, fields_from_hf, to_hf
+
+SCORINGS = ("softmax", "sigmoid", "topk_softmax")  # kernels.route
 
 PRESET_DIR = CONFIG_DIR / "models"
 
@@ -62,6 +67,25 @@ class ModelConfig:
     rotary_dim: int = 0  # dims of each head RoPE rotates (the first ones); 0 = head_dim
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # GPT-OSS's pieces, each off by default (its router: scoring = "topk_softmax", over the top-k logits)
+    router_bias: bool = False  # the router linear has a bias
+    expert_bias: bool = False  # experts' gate-up [2F] and down [H] projections have biases
+    expert_act: str = "silu"  # "silu": silu(gate) * up; "swiglu_oai": the clamped SwiGLU (kernels.ExpertAct)
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    attn_sinks: bool = False  # a learned per-head logit joins every attention softmax
+    # RoPE scaling (moerun.model.rope): the type and its numbers (unused ones keep defaults)
+    rope_type: str = "default"  # default | linear | llama3 | yarn
+    rope_factor: float = 1.0
+    rope_original_max_position: int = 0  # original_max_position_embeddings (0 = max_position_embeddings)
+    rope_beta_fast: float = 32.0  # yarn
+    rope_beta_slow: float = 1.0  # yarn
+    rope_mscale: float = 0.0  # yarn (0 = not given)
+    rope_mscale_all_dim: float = 0.0  # yarn (0 = not given)
+    rope_truncate: bool = True  # yarn: floor / ceil the correction range
+    rope_attention_factor: float | None = None  # yarn: given explicitly (None = from factor and mscale)
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
     name: str = ""
 
     def __post_init__(self):
@@ -106,15 +130,23 @@ class ModelConfig:
             p.append(f"per-layer lists must have num_hidden_layers ({self.num_layers}) entries")
         if self.qk_norm not in ("none", "full", "head"):
             p.append(f"qk_norm {self.qk_norm!r} is not none|full|head")
+        if self.scoring not in SCORINGS:
+            p.append(f"scoring {self.scoring!r} is not one of {', '.join(SCORINGS)}")
+        if self.expert_act not in EXPERT_ACTS:
+            p.append(f"expert_act {self.expert_act!r} is not one of {', '.join(EXPERT_ACTS)}")
+        if self.rope_type not in ROPE_TYPES:
+            p.append(f"rope type {self.rope_type!r} is not one of {', '.join(ROPE_TYPES)}")
+        elif self.rope_type != "default" and self.rope_factor <= 0:
+            p.append(f"rope factor ({self.rope_factor}) must be > 0")
+        if self.rope_type == "llama3" and self.rope_low_freq_factor == self.rope_high_freq_factor:
+            p.append("llama3 rope needs low_freq_factor != high_freq_factor")
         bad_eos = [e for e in self.eos_token_ids if not 0 <= e < self.vocab_size]
         if bad_eos:
             p.append(f"eos_token_id {bad_eos} outside the vocabulary (0..{self.vocab_size - 1})")
         return p
 
     def _router_problems(self) -> list[str]:
-        p = []
-        if self.scoring not in ("softmax", "sigmoid"):
-            p.append(f"scoring {self.scoring!r} is not softmax|sigmoid")
+        p = []  # scoring's own value is checked in problems()
         if self.score_bias and self.scoring != "sigmoid":
             p.append("e_score_correction_bias (score_bias) needs sigmoid scoring")
         if self.routed_scaling <= 0:
@@ -191,22 +223,26 @@ class ModelConfig:
             n += q + kv
         elif self.qk_norm == "head":
             n += 2 * hd
+        if self.attn_sinks:  # one logit per query head, sharded with the heads
+            n += self.num_heads if q_heads is None else q_heads
         return n
 
     def expert_params(self) -> int:
-        """One routed expert: gate, up and down projections."""
-        return 3 * self.hidden_size * self.moe_ffn
+        """One routed expert: gate, up and down projections (and their biases)."""
+        n = 3 * self.hidden_size * self.moe_ffn
+        return n + 2 * self.moe_ffn + self.hidden_size if self.expert_bias else n
 
     def norm_params(self) -> int:
         """A layer's two RMSNorms (before attention, before the MLP)."""
         return 2 * self.hidden_size
 
     def router_params(self, layer: int) -> int:
-        """The router of a MoE layer (E x H, + the E-entry e_score_correction_bias when it has
-        one); a dense layer has none."""
+        """The router of a MoE layer (E x H, + E with a bias, + the E-entry
+        e_score_correction_bias when it has one); a dense layer has none."""
         if not self.moe_layers[layer]:
             return 0
-        return self.num_experts * self.hidden_size + (self.num_experts if self.score_bias else 0)
+        E = self.num_experts
+        return E * self.hidden_size + (E if self.router_bias else 0) + (E if self.score_bias else 0)
 
     def mlp_params(self, layer: int) -> int:
         """What is not routed: a dense layer's SwiGLU MLP, or a MoE layer's shared expert(s)

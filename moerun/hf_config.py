@@ -15,9 +15,15 @@ import logging
 
 log = logging.getLogger("moerun")
 
-SUPPORTED_TYPES = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "dots1", "minimax_m2")
+SUPPORTED_TYPES = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "dots1", "minimax_m2", "gpt_oss")
 # the families with DeepSeek-V3's router: sigmoid scores, e_score_correction_bias, groups
 SIGMOID_ROUTED = ("glm4_moe", "dots1", "minimax_m2")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # the math: moerun.model.rope
+EXPERT_ACTS = ("silu", "swiglu_oai")
+# transformers' defaults when config.json gives no rope_theta / no RoPE parameters
+_DEFAULT_THETA = {"gpt_oss": 150000.0, "minimax_m2": 5e6}
+_DEFAULT_ROPE = {"gpt_oss": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                             "truncate": False, "original_max_position_embeddings": 4096}}
 
 
 # config.json fields that must be integers when present (their arithmetic comes first)
@@ -26,7 +32,7 @@ INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_h
               "moe_intermediate_size", "shared_expert_intermediate_size", "decoder_sparse_step",
               "max_position_embeddings", "sliding_window", "max_window_layers", "n_routed_experts",
               "n_shared_experts", "n_group", "topk_group", "first_k_dense_replace", "rotary_dim",
-              "num_nextn_predict_layers")
+              "num_nextn_predict_layers", "original_max_position_embeddings")
 
 
 def fields_from_hf(raw: dict, name: str = "") -> dict:
@@ -57,16 +63,22 @@ def fields_from_hf(raw: dict, name: str = "") -> dict:
         model_type=mt, name=name, vocab_size=_req(raw, "vocab_size"), hidden_size=H,
         num_layers=L, num_heads=nh, num_kv_heads=nkv, head_dim=hd, num_experts=E,
         top_k=_req(raw, "num_experts_per_tok"), rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-        rope_theta=_rope_theta(raw, 5e6 if mt == "minimax_m2" else 10000.0),
         rotary_dim=_rotary_dim(raw, mt, hd), tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         max_position_embeddings=raw.get("max_position_embeddings", 4096),
         bos_token_id=raw.get("bos_token_id"), eos_token_ids=_eos(raw.get("eos_token_id"), raw["vocab_size"]),
+        **_rope(raw, mt),
     )
     if mt == "olmoe":
         kw.update(moe_ffn=_req(raw, "intermediate_size"), qk_norm="full",
                   qkv_bias=bool(raw.get("attention_bias", False)),
                   o_bias=bool(raw.get("attention_bias", False)), clip_qkv=raw.get("clip_qkv"),
                   norm_topk_prob=bool(raw.get("norm_topk_prob", False)))
+    elif mt == "gpt_oss":
+        bias = bool(raw.get("attention_bias", True))
+        kw.update(moe_ffn=_req(raw, "intermediate_size"), qkv_bias=bias, o_bias=bias,
+                  sliding_windows=_layer_type_windows(raw, L), scoring="topk_softmax", router_bias=True,
+                  expert_bias=True, expert_act="swiglu_oai", swiglu_alpha=_num(raw, "swiglu_alpha", 1.702),
+                  swiglu_limit=_num(raw, "swiglu_limit", 7.0), attn_sinks=True)
     elif mt == "mixtral":
         sw = raw.get("sliding_window") or 0
         kw.update(moe_ffn=_req(raw, "intermediate_size"), norm_topk_prob=True,
@@ -141,7 +153,7 @@ def to_hf(cfg) -> dict:
         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
         "num_experts_per_tok": cfg.top_k, "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_theta": cfg.rope_theta, "rope_parameters": _rope_to_hf(cfg),
         "max_position_embeddings": cfg.max_position_embeddings,
         "tie_word_embeddings": cfg.tie_word_embeddings, "hidden_act": "silu",
         "bos_token_id": cfg.bos_token_id,
@@ -154,6 +166,12 @@ def to_hf(cfg) -> dict:
     elif cfg.model_type == "olmoe":
         common.update(num_experts=cfg.num_experts, intermediate_size=cfg.moe_ffn, clip_qkv=cfg.clip_qkv,
                       attention_bias=cfg.qkv_bias, norm_topk_prob=cfg.norm_topk_prob)
+    elif cfg.model_type == "gpt_oss":
+        windows = {w for w in cfg.sliding_windows if w}
+        common.update(num_local_experts=cfg.num_experts, intermediate_size=cfg.moe_ffn,
+                      attention_bias=cfg.qkv_bias, swiglu_alpha=cfg.swiglu_alpha, swiglu_limit=cfg.swiglu_limit,
+                      sliding_window=windows.pop() if windows else None,
+                      layer_types=["sliding_attention" if w else "full_attention" for w in cfg.sliding_windows])
     elif cfg.model_type == "mixtral":
         sw = cfg.sliding_windows[0] if cfg.sliding_windows else 0
         common.update(num_local_experts=cfg.num_experts, intermediate_size=cfg.moe_ffn,
@@ -173,7 +191,7 @@ def to_hf(cfg) -> dict:
 
 def _sigmoid_routed_to_hf(cfg) -> dict:
     factor = cfg.rotary_dim / cfg.head_dim
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": factor}
+    rope = {**_rope_to_hf(cfg), "partial_rotary_factor": factor}
     if cfg.model_type == "minimax_m2":
         return dict(num_local_experts=cfg.num_experts, intermediate_size=cfg.moe_ffn, rotary_dim=cfg.rotary_dim,
                     rope_parameters=rope)
@@ -204,7 +222,8 @@ def _sigmoid_routed_to_hf(cfg) -> dict:
 
 _ARCH = {"olmoe": "OlmoeForCausalLM", "mixtral": "MixtralForCausalLM",
          "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-         "glm4_moe": "Glm4MoeForCausalLM", "dots1": "Dots1ForCausalLM", "minimax_m2": "MiniMaxM2ForCausalLM"}
+         "glm4_moe": "Glm4MoeForCausalLM", "dots1": "Dots1ForCausalLM", "minimax_m2": "MiniMaxM2ForCausalLM",
+         "gpt_oss": "GptOssForCausalLM"}
 
 
 def _req(raw: dict, key: str):
@@ -223,19 +242,91 @@ def _eos(v, vocab_size: int) -> tuple[int, ...]:
     return tuple(i for i in ids if 0 <= i < vocab_size)
 
 
-def _rope_theta(raw: dict, default: float = 10000.0) -> float:
-    rp = raw.get("rope_parameters")  # transformers 5
-    scaling = raw.get("rope_scaling")  # transformers 4
-    if isinstance(rp, dict):
-        kind = rp.get("rope_type", rp.get("type", "default"))
-        theta = rp.get("rope_theta", raw.get("rope_theta", default))
-    else:
-        kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-        theta = raw.get("rope_theta", default)
-    if kind != "default":
-        raise ValueError(f"rope type {kind!r} is not supported (only 'default' RoPE); "
-                         "remove rope_scaling or use a checkpoint without it")
-    return float(theta)
+def _num(d: dict, key: str, default, where: str = "config.json"):
+    v = d.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{where}: {key} = {v!r} must be a number")
+    return float(v)
+
+
+def _rope(raw: dict, mt: str) -> dict:
+    """ModelConfig's rope_* fields from ``rope_parameters`` (transformers 5) or ``rope_scaling``
+    (transformers 4, with a top-level ``rope_theta``), as transformers reads them."""
+    rp, scaling = raw.get("rope_parameters"), raw.get("rope_scaling")
+    params = scaling if isinstance(scaling, dict) else rp if isinstance(rp, dict) else None
+    if params is None:
+        params = _DEFAULT_ROPE.get(mt, {})
+    nested = sorted(k for k, v in params.items() if isinstance(v, dict))
+    if nested:
+        raise ValueError(f"RoPE parameters per layer type ({', '.join(nested)}) are not supported: "
+                         "moerun reads one rope_parameters dict for all layers")
+    theta = params.get("rope_theta", raw.get("rope_theta", _DEFAULT_THETA.get(mt, 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope type {kind!r} is not supported; moerun reads the rope types "
+                         f"{', '.join(ROPE_TYPES)}: use a checkpoint with one of them")
+    where = "rope_parameters" if params is rp else "rope_scaling" if params is scaling else f"{mt}'s default RoPE"
+    out = dict(rope_theta=_num({"rope_theta": theta}, "rope_theta", 10000.0), rope_type=kind)
+    if kind == "default":
+        return out
+    max_pos = raw.get("max_position_embeddings", 4096)
+    original = params.get("original_max_position_embeddings", raw.get("original_max_position_embeddings", max_pos))
+    if kind != "linear" and (type(original) is not int or original < 1):
+        raise ValueError(f"{where}: original_max_position_embeddings = {original!r} must be a positive integer")
+    factor = _num(params, "factor", None, where)
+    if factor is None or factor <= 0:
+        raise ValueError(f"{where}: rope type {kind!r} needs a positive 'factor'")
+    out.update(rope_factor=factor)
+    if kind == "llama3":
+        low, high = (_num(params, k, None, where) for k in ("low_freq_factor", "high_freq_factor"))
+        if low is None or high is None or low == high:
+            raise ValueError(f"{where}: rope type 'llama3' needs low_freq_factor and high_freq_factor, "
+                             f"different (got {low}, {high})")
+        out.update(rope_original_max_position=original, rope_low_freq_factor=low, rope_high_freq_factor=high)
+    elif kind == "yarn":
+        truncate = params.get("truncate", True)
+        if not isinstance(truncate, bool):
+            raise ValueError(f"{where}: truncate = {truncate!r} must be true or false")
+        out.update(rope_original_max_position=original, rope_truncate=truncate,
+                   rope_beta_fast=_num(params, "beta_fast", 0.0, where) or 32.0,
+                   rope_beta_slow=_num(params, "beta_slow", 0.0, where) or 1.0,
+                   rope_mscale=_num(params, "mscale", 0.0, where),
+                   rope_mscale_all_dim=_num(params, "mscale_all_dim", 0.0, where),
+                   rope_attention_factor=_num(params, "attention_factor", None, where))
+    return out
+
+
+def _rope_to_hf(cfg) -> dict:
+    out = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
+    if cfg.rope_type != "default":
+        out["factor"] = cfg.rope_factor
+    if cfg.rope_type in ("llama3", "yarn"):
+        out["original_max_position_embeddings"] = cfg.rope_original_max_position or cfg.max_position_embeddings
+    if cfg.rope_type == "llama3":
+        out.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor)
+    elif cfg.rope_type == "yarn":
+        out.update(beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow, truncate=cfg.rope_truncate)
+        out.update({k: v for k, v in (("mscale", cfg.rope_mscale), ("mscale_all_dim", cfg.rope_mscale_all_dim)) if v})
+        if cfg.rope_attention_factor is not None:
+            out["attention_factor"] = cfg.rope_attention_factor
+    return out
+
+
+def _layer_type_windows(raw: dict, L: int) -> tuple[int, ...]:
+    """GPT-OSS: ``layer_types`` (default: sliding on even layers, full on odd, as transformers
+    derives it) with one ``sliding_window``."""
+    sw = raw.get("sliding_window") or 0
+    types = raw.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(L)]
+    if len(types) != L:
+        raise ValueError(f"layer_types has {len(types)} entries, num_hidden_layers is {L}")
+    bad = sorted({t for t in types if t not in ("sliding_attention", "full_attention")})
+    if bad:
+        raise ValueError(f"layer_types {bad} are not supported (sliding_attention or full_attention)")
+    if sw < 1 and "sliding_attention" in types:
+        raise ValueError("layer_types names sliding_attention layers but sliding_window is not set (>= 1)")
+    return tuple(sw if t == "sliding_attention" else 0 for t in types)
 
 
 def _qwen2_windows(raw: dict, L: int) -> tuple[int, ...]:

@@ -27,7 +27,9 @@ def shard_params(cfg: ModelConfig, par: ParallelConfig, rank: int) -> int:
     counted on a meta-device build of its shard."""
     with torch.device("meta"):
         m = MoEModel(cfg, Comm(par, rank), par.stage_layers(cfg.num_layers)[par.coord(rank).pp])
-    return sum(p.numel() for p in m.parameters()) + sum(b.numel() for b in m.buffers())
+    loaded = sum(b.numel() for mod in m.modules() for name, b in mod.named_buffers(recurse=False)
+                 if name not in mod._non_persistent_buffers_set)  # not the RoPE tables computed at build
+    return sum(p.numel() for p in m.parameters()) + loaded
 
 
 def rank_table(cfg: ModelConfig, par: ParallelConfig, dtype_bytes: int = 2) -> list[dict]:

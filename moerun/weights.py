@@ -10,9 +10,11 @@ with its expected and found shape. Never unpickles anything.
 
 Also read: FP8 (e4m3) weights with 128 x 128 block scales (``<name>_scale_inv``, float32
 ``[ceil(rows/128), ceil(cols/128)]``, DeepSeek-V3 / GLM-4.5-FP8 style), dequantized at
-load into the run dtype from just the rank's slice and its scale blocks; and checkpoints
-holding multi-token-prediction layers (``model.layers.N``, N >= num_hidden_layers), whose
-tensors are skipped with one log line.
+load into the run dtype from just the rank's slice and its scale blocks; a 3-D expert tensor
+stored as MXFP4 (``<name>_blocks`` + ``<name>_scales``, GPT-OSS; ``moerun.mxfp4``),
+dequantized into the run dtype, this rank's experts only; and checkpoints holding
+multi-token-prediction layers (``model.layers.N``, N >= num_hidden_layers), whose tensors
+are skipped with one log line.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from . import mxfp4
 from .config import ModelConfig
 from .model import MoEModel
 
@@ -107,12 +110,14 @@ def load_checkpoint(model, path: str | Path, progress: bool = False) -> LoadRepo
         log.info("skipping %d tensors of layer(s) %s: multi-token-prediction layers past num_hidden_layers "
                  "(%d), which moerun does not run", len(mtp), ", ".join(map(str, layers)), model.cfg.num_layers)
     ignorable |= mtp | {n for n in files if n.endswith(SCALE_SUFFIX) and n[:-len(SCALE_SUFFIX)] in expected}
+    quantized = {n for n in expected if n not in files and f"{n}_blocks" in files and f"{n}_scales" in files}
+    ignorable |= {f"{n}{suffix}" for n in quantized for suffix in ("_blocks", "_scales")}
     unexpected = sorted(n for n in files if n not in expected and n not in ignorable
                         and not n.endswith("rotary_emb.inv_freq"))
     if unexpected:
         problems.append(f"unexpected tensors ({len(unexpected)}): " + ", ".join(unexpected[:20])
                         + (" ..." if len(unexpected) > 20 else ""))
-    missing = sorted(n for n in expected if n not in files)
+    missing = sorted(n for n in expected if n not in files and n not in quantized)
     if missing:
         problems.append(f"missing tensors ({len(missing)}): " + ", ".join(
             f"{n} {list(expected[n])}" for n in missing[:20]) + (" ..." if len(missing) > 20 else ""))
@@ -122,14 +127,26 @@ def load_checkpoint(model, path: str | Path, progress: bool = False) -> LoadRepo
     misshaped, wrong_dtype, non_finite = [], [], []
     bar = tqdm(specs, desc="loading weights", unit="tensor", leave=False,
                disable=not (progress and sys.stderr.isatty()))
+
+    def handle(name):  # the open file holding tensor ``name`` (each file opened once)
+        if files[name] not in handles:
+            handles[files[name]] = _open(files[name])
+        return handles[files[name]]
+
     try:
         for spec in bar:
+            if spec.name in quantized:
+                t, problem = _read_mxfp4(spec, handle(f"{spec.name}_blocks"), handle(f"{spec.name}_scales"),
+                                         spec.dest.dtype)
+                if problem:
+                    misshaped.append(problem)
+                    continue
+                bytes_read += t.numel() // 2 + t.numel() // mxfp4.GROUP  # half a byte a value + the scales
+                spec.dest.data.copy_(spec.to_dest(t))
+                continue
             if spec.name not in files:
                 continue
-            fn = files[spec.name]
-            if fn not in handles:
-                handles[fn] = _open(fn)
-            sl = handles[fn].get_slice(spec.name)
+            sl = handle(spec.name).get_slice(spec.name)
             shape = tuple(sl.get_shape())
             if shape != tuple(spec.shape):
                 misshaped.append(f"{spec.name}: expected {list(spec.shape)}, found {list(shape)}")
@@ -156,7 +173,7 @@ def load_checkpoint(model, path: str | Path, progress: bool = False) -> LoadRepo
             if not torch.isfinite(t.float().sum()):
                 non_finite.append(spec.name)
                 continue
-            spec.dest.data.copy_(t.to(spec.dest.dtype))
+            spec.dest.data.copy_(spec.to_dest(t.to(spec.dest.dtype)))
             bytes_read += n_bytes
     finally:
         handles.clear()
@@ -198,6 +215,22 @@ def dequant_fp8_block(w_sl, s_sl, index: tuple[slice, ...], shape: tuple[int, in
     return out, w.numel() * w.element_size() + s.numel() * s.element_size()
 
 
+def _read_mxfp4(spec, blocks_file, scales_file, dtype):
+    """This rank's slice (its experts: the first dim only) of an MXFP4 tensor, dequantized:
+    (tensor, None) or (None, what is wrong)."""
+    bl, sc = blocks_file.get_slice(f"{spec.name}_blocks"), scales_file.get_slice(f"{spec.name}_scales")
+    problem = mxfp4.check(spec.name, bl.get_shape(), sc.get_shape(), spec.shape)
+    if problem:
+        return None, problem
+    if any(s != slice(None) for s in spec.index[1:]):
+        return None, f"{spec.name}: an MXFP4 tensor is split only along its first dim (experts)"
+    if bl.get_dtype() != "U8" or sc.get_dtype() != "U8":
+        return None, f"{spec.name}: MXFP4 blocks / scales must be U8, found {bl.get_dtype()} / {sc.get_dtype()}"
+    rows = spec.index[:1]
+    blocks, scales = (bl[rows] if rows else bl[:]), (sc[rows] if rows else sc[:])
+    return mxfp4.dequantize(blocks, scales, dtype), None
+
+
 def _seed_for(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
 
@@ -211,16 +244,17 @@ def init_random(model, seed: int = 0, std: float = 0.02) -> None:
             continue
         g = torch.Generator().manual_seed(_seed_for(seed, spec.name))
         full = torch.randn(spec.shape, generator=g) * std
-        spec.dest.data.copy_((full[spec.index] if spec.index else full).to(spec.dest.dtype))
+        spec.dest.data.copy_(spec.to_dest(full[spec.index] if spec.index else full).to(spec.dest.dtype))
 
 
 def save_checkpoint(model, path: str | Path) -> None:
-    """Write config.json and model.safetensors (HF names, per-expert layout)."""
+    """Write config.json and model.safetensors (HF names and each family's layout: per-expert
+    tensors, or GPT-OSS's fused ones; unquantized)."""
     if not (model.is_first and model.is_last) or model.comm.tp_size * model.comm.ep_size != 1:
         raise ValueError("save_checkpoint needs the whole model in one process")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {s.name: s.dest.detach().to("cpu").contiguous().clone() for s in model.specs()}
+    tensors = {s.name: s.to_checkpoint(s.dest.detach().to("cpu")).contiguous().clone() for s in model.specs()}
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     with open(path / "config.json", "w") as f:
         json.dump(model.cfg.to_hf(), f, indent=2)

@@ -53,6 +53,12 @@ FAMILIES = {
                   routed_scaling_factor=1.5, attention_bias=True, sliding_window=6, max_window_layers=1),
     "minimax_m2": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=48, head_dim=16, rotary_dim=8,
                        bos_token_id=1),
+    # yarn RoPE (a factor and an attention factor that matter at these lengths), sinks with
+    # sliding windows on alternate layers, a SwiGLU limit low enough to clamp, ids in the vocab
+    "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, head_dim=16,
+                    sliding_window=4, swiglu_limit=1.5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "beta_fast": 32.0,
+                                     "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64}),
 }
 
 
@@ -62,7 +68,7 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
     cls = {"olmoe": transformers.OlmoeConfig, "mixtral": transformers.MixtralConfig,
            "qwen2_moe": transformers.Qwen2MoeConfig, "qwen3_moe": transformers.Qwen3MoeConfig,
            "glm4_moe": transformers.Glm4MoeConfig, "dots1": transformers.Dots1Config,
-           "minimax_m2": transformers.MiniMaxM2Config}[family]
+           "minimax_m2": transformers.MiniMaxM2Config, "gpt_oss": transformers.GptOssConfig}[family]
     kw = {**COMMON, **FAMILIES[family], **overrides}
     kw.setdefault("eos_token_id", None)
     cfg = cls(**kw)
@@ -167,3 +173,53 @@ def hf_checkpoint(tmp_path_factory):
             made[family] = (d, model)
         return made[family]
     return get
+
+
+def hf_dequantize(blocks, scales, dtype=torch.float32):
+    """transformers' own MXFP4 dequantization (the reference moerun's is checked against)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    return convert_moe_packed_tensors(blocks, scales, dtype=dtype)
+
+
+def quantized_copy(src, dst):
+    """The checkpoint at ``src`` with every fused expert tensor as MXFP4, the way GPT-OSS
+    ships: ``<name>_blocks`` / ``<name>_scales`` and a quantization_config in config.json.
+    Returns the expert tensors as transformers dequantizes them."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from moerun import mxfp4
+
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    dequantized = {}
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        blocks, scales = mxfp4.quantize(tensors.pop(name))
+        tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = blocks, scales
+        dequantized[name] = hf_dequantize(blocks, scales)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    raw = json.loads((dst / "config.json").read_text())
+    raw["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (dst / "config.json").write_text(json.dumps(raw))
+    return dequantized
+
+
+@pytest.fixture(scope="session")
+def gpt_oss_mxfp4(tmp_path_factory):
+    """(directory of a GPT-OSS checkpoint with MXFP4 experts, transformers model holding the
+    dequantized experts), built once per session."""
+    src = tmp_path_factory.mktemp("gpt_oss_unquantized")
+    hf = make_hf_model("gpt_oss", seed=5)
+    hf.save_pretrained(src)
+    dst = tmp_path_factory.mktemp("gpt_oss_mxfp4") / "ckpt"
+    dequantized = quantized_copy(src, dst)
+    params = dict(hf.named_parameters())
+    with torch.no_grad():
+        for name, t in dequantized.items():
+            assert not torch.equal(params[name], t)  # quantizing changed the weights
+            params[name].copy_(t)
+    return dst, hf

@@ -33,7 +33,7 @@ def test_seed_30b_param_count_without_allocating():
     assert sum(torch.Size(s).numel() for s in shapes.values()) == expected
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "glm4_moe", "dots1", "minimax_m2"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "glm4_moe", "dots1", "minimax_m2", "gpt_oss"])
 def test_save_load_round_trip_through_transformers(family, hf_checkpoint, tmp_path):
     import transformers
 
@@ -115,13 +115,33 @@ def test_no_safetensors_files(hf_checkpoint, tmp_path):
     ({"num_key_value_heads": 3}, r"num_attention_heads \(4\) must be a multiple of num_key_value_heads \(3\)"),
     ({"num_experts_per_tok": 9}, r"num_experts_per_tok \(9\) must be in 1..num_experts \(8\)"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}, "rope type 'yarn'"),
+    ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}},
+     "rope type 'dynamic' is not supported; moerun reads the rope types default, linear, llama3, yarn"),
+    ({"rope_scaling": {"type": "longrope", "factor": 2.0}}, "rope type 'longrope' is not supported"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 0}}, "rope type 'yarn' needs a positive 'factor'"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0}},
+     "needs low_freq_factor and high_freq_factor"),
     ({"vocab_size": None}, "missing required field 'vocab_size'"),
 ])
 def test_bad_config_is_rejected(edit, message, hf_checkpoint, tmp_path):
     path, _ = hf_checkpoint("mixtral")
     raw = json.loads((path / "config.json").read_text())
     raw.update(edit)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.load(tmp_path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"layer_types": ["sliding_attention", "full_attention"]}, "layer_types has 2 entries, num_hidden_layers is 3"),
+    ({"layer_types": ["sliding_attention", "chunked_attention", "full_attention"]},
+     r"layer_types \['chunked_attention'\] are not supported"),
+    ({"sliding_window": None}, "sliding_attention layers but sliding_window is not set"),
+    ({"swiglu_limit": "7"}, "swiglu_limit = '7' must be a number"),
+])
+def test_bad_gpt_oss_config_is_rejected(edit, message, hf_checkpoint, tmp_path):
+    path, _ = hf_checkpoint("gpt_oss")
+    raw = {**json.loads((path / "config.json").read_text()), **edit}
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match=message):
         ModelConfig.load(tmp_path)

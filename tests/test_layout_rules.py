@@ -137,3 +137,15 @@ def test_each_rank_reads_only_its_share(family, layout, hf_checkpoint):
         assert read <= bound, (rank, read, bound)
         assert read == 4 * shard_params(cfg, par, rank)  # exactly what the rank holds
         assert read < full
+
+
+def test_layout_cli_reads_a_gpt_oss_checkpoint(hf_checkpoint):
+    """`moerun layout` on a GPT-OSS checkpoint: its parameter count (sinks, router and expert
+    biases included) equals transformers' model, and the EP ranks split the experts."""
+    path, hf = hf_checkpoint("gpt_oss")
+    p = subprocess.run([sys.executable, "-m", "moerun.cli", "layout", "--model", str(path), "--world", "4",
+                        "--tp", "2", "--ep", "4", "--dp", "2", "--json"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["valid"] and out["params_total"] == sum(t.numel() for t in hf.parameters())
+    assert [r["experts"] for r in out["ranks"]] == [[0, 1], [2, 3], [4, 5], [6, 7]]

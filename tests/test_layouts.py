@@ -65,14 +65,18 @@ CASES = [  # (model, tp, pp, ep, dp, prompts)
     pytest.param("glm4_moe-fp8", 2, 1, 2, 1, 3, id="w2-glm4-fp8-blocks-mtp-tp2-ep2"),
     pytest.param("dots1", 2, 1, 2, 1, 3, id="w2-dots1-sliding-tp2-ep2"),
     pytest.param("minimax_m2", 2, 1, 2, 1, 3, id="w2-minimax-full-qknorm-tp2-ep2"),
+    # sinks, yarn, fused biased experts stored as MXFP4, dequantized rank by rank
+    pytest.param("gpt_oss_mxfp4", 2, 1, 2, 1, 3, id="w2-gpt_oss-mxfp4-tp2-ep2"),
 ]
 
 
 @pytest.mark.parametrize("model, tp, pp, ep, dp, n_prompts", CASES)
-def test_layout_equals_one_process(model, tp, pp, ep, dp, n_prompts, hf_checkpoint, tmp_path):
+def test_layout_equals_one_process(model, tp, pp, ep, dp, n_prompts, hf_checkpoint, tmp_path, request):
     """Every sampled token, its log probability and the top 5 of every step (prefill and
     decode) equal one process's."""
-    if model != "tiny":
+    if model == "gpt_oss_mxfp4":
+        model = str(request.getfixturevalue("gpt_oss_mxfp4")[0])
+    elif model != "tiny":
         model = str(hf_checkpoint(model)[0])
     ref = build_model(model)
     seed = 1000 + tp * 100 + pp * 10 + ep + dp

@@ -10,7 +10,8 @@ from moerun.build import build_model, forward_logits
 from moerun.engine import Engine
 from moerun.options import SamplingParams
 
-FAMILY_NAMES = ["olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "dots1", "minimax_m2", "glm4_moe-fp8"]
+FAMILY_NAMES = ["olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "dots1", "minimax_m2", "glm4_moe-fp8",
+                "gpt_oss"]
 
 
 def random_prompts(n, vocab, gen, lo=1, hi=14):
@@ -45,10 +46,11 @@ def test_greedy_generation_matches_transformers(family, hf_checkpoint):
         assert o == ref, f"prompt {p}"
 
 
-def test_paged_decode_equals_full_forward(hf_checkpoint):
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_paged_decode_equals_full_forward(family, hf_checkpoint):
     """Chunked prefill then step-by-step decode through scattered blocks of a paged cache
     gives the logits of one full forward."""
-    path, _ = hf_checkpoint("mixtral")  # sliding window 6: the window must hold across steps
+    path, _ = hf_checkpoint(family)  # sliding windows (6; gpt_oss: 4 with sinks): they must hold across steps
     model = build_model(str(path))
     seq = torch.randint(0, model.cfg.vocab_size, (13,)).tolist()
     full = forward_logits(model, [seq])[0]

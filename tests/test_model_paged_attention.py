@@ -37,7 +37,7 @@ def run_steps(model, seqs, tables, plan, block_size):
 
 
 @needs_triton
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])  # sliding window 6; GQA, D = 24
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])  # window 6; GQA, D = 24; sinks
 def test_model_with_paged_attention_kernel(family, hf_checkpoint, monkeypatch):
     path, hf = hf_checkpoint(family)
     model = build_model(str(path), dtype="float32", device=DEVICE)

@@ -268,7 +268,7 @@ def test_planner_imports_no_torch():
 @pytest.mark.parametrize("family, layout", [("qwen2_moe", (2, 2, 4, 2)), ("olmoe", (4, 1, 2, 2)),
                                             ("qwen3_moe", (2, 3, 2, 1)), ("mixtral", (1, 2, 8, 4)),
                                             ("glm4_moe", (2, 3, 2, 1)), ("dots1", (2, 1, 4, 2)),
-                                            ("minimax_m2", (4, 1, 2, 1))])
+                                            ("minimax_m2", (4, 1, 2, 1)), ("gpt_oss", (2, 1, 4, 2))])
 def test_planner_bytes_match_the_runtime_shards(family, layout, hf_checkpoint):
     """The planner's per-rank parameters equal what the runtime builds for that rank
     (counted on a meta-device build of the shard), for every rank."""

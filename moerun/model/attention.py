@@ -22,7 +22,7 @@ from .. import kernels
 from ..comm import Comm
 from ..config import ModelConfig
 from ..profile import NULL_PROFILER
-from ..weights_spec import TensorSpec
+from ..weights_spec import TensorSpec, rows
 from .layers import FusedLinear, Linear, RMSNorm, apply_rope
 
 
@@ -115,6 +115,9 @@ class Attention(nn.Module):
         elif cfg.qk_norm == "head":
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps, dtype)
+        self.heads = heads
+        # GPT-OSS: a learned logit per query head joins the softmax (TP-sliced with the heads)
+        self.sinks = nn.Parameter(torch.zeros(len(heads), dtype=dtype)) if cfg.attn_sinks else None
 
     def _full_norm_stats(self, replicas: int, full: int, prof):
         """Sum of squares over the whole (TP-split) projection, counting replicas once."""
@@ -150,7 +153,7 @@ class Attention(nn.Module):
                 cache.write(layer, meta.slot_T, k, v)
                 out = kernels.paged_attention(q, cache.k[layer], cache.v[layer], meta.table_BP,
                                               meta.cu_q(), meta.pos_T, scale=D ** -0.5,
-                                              window=self.window, max_q=meta.max_new,
+                                              window=self.window, sinks_N=self.sinks, max_q=meta.max_new,
                                               max_kv=meta.max_len)
                 prof.note_activation(x_TH, q, k, v, out)
             with prof.phase("o_proj"):
@@ -165,17 +168,34 @@ class Attention(nn.Module):
             else:
                 q_pad = q.new_zeros(B * meta.max_new, self.num_heads, D)
                 q_pad[meta.pad_index_T] = q
+            mask = meta.mask(self.window)
+            if self.sinks is not None:
+                k_BLND, v_BLND, mask = self._with_sink(k_BLND, v_BLND, mask, q.dtype)
             out = F.scaled_dot_product_attention(
                 q_pad.view(B, meta.max_new, self.num_heads, D).transpose(1, 2),
                 k_BLND.transpose(1, 2), v_BLND.transpose(1, 2),
-                attn_mask=meta.mask(self.window), enable_gqa=self.num_heads != self.num_kv_heads,
+                attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads,
             )  # [B, N, Nq, D]
             out = out.transpose(1, 2).reshape(B * meta.max_new, self.num_heads * D)
         with prof.phase("o_proj"):
             return self.o_proj(out if meta.uniform else out[meta.pad_index_T])
 
+    def _with_sink(self, k_BLND, v_BLND, mask_B1QL, dtype):
+        """One zero key and value appended, and a float mask whose last column is each head's
+        sink logit: q . 0 + sink joins the softmax's denominator and adds nothing to the output."""
+        B, L, Nkv, D = k_BLND.shape
+        zeros = k_BLND.new_zeros(B, 1, Nkv, D)
+        Q = mask_B1QL.shape[2]
+        bias_B1QL = torch.zeros(mask_B1QL.shape, dtype=dtype, device=k_BLND.device).masked_fill(
+            ~mask_B1QL, float("-inf"))
+        sink_BNQ1 = self.sinks.to(dtype)[None, :, None, None].expand(B, self.num_heads, Q, 1)
+        mask = torch.cat((bias_B1QL.expand(B, self.num_heads, Q, L), sink_BNQ1), dim=-1)
+        return torch.cat((k_BLND, zeros), 1), torch.cat((v_BLND, zeros), 1), mask
+
     def specs(self, prefix: str) -> list[TensorSpec]:
         s = self.qkv_proj.specs(prefix) + self.o_proj.specs(f"{prefix}.o_proj")
+        if self.sinks is not None:
+            s.append(TensorSpec(f"{prefix}.sinks", (self.cfg.num_heads,), self.sinks, rows(self.heads)))
         cfg, D = self.cfg, self.cfg.head_dim
         if cfg.qk_norm == "full":
             s += self.q_norm.specs(f"{prefix}.q_norm.weight", cfg.num_heads * D, self.q_part)

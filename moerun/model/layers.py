@@ -40,13 +40,15 @@ class RMSNorm(nn.Module):
         return [TensorSpec(name, (full,), self.weight, rows(part) if part else ())]
 
 
-def rope_cos_sin(positions_T: torch.Tensor, rotary_dim: int, theta: float, dtype):
-    """cos, sin [T, R] of RoPE over the first R = ``rotary_dim`` dims of a head (R = D, or
-    less with a partial rotary factor), in the rotate-half layout (frequencies repeated)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=positions_T.device,
-                                             dtype=torch.float32) / rotary_dim))
-    freqs = positions_T.float()[:, None] * inv_freq[None, :]  # [T, R/2]
-    emb = torch.cat((freqs, freqs), dim=-1)  # [T, R]
+def rope_cos_sin(positions_T: torch.Tensor, inv_freq_R: torch.Tensor, dtype, attention_factor: float = 1.0):
+    """cos and sin [T, 2R] of positions times ``inv_freq_R`` [R] (``moerun.model.rope``), both
+    multiplied by the RoPE type's attention factor (YaRN's; 1 otherwise). 2R is the rotary dim:
+    the whole head, or its first dims with a partial rotary factor (rotate-half layout,
+    frequencies repeated)."""
+    freqs = positions_T.float()[:, None] * inv_freq_R.to(positions_T.device, torch.float32)[None, :]  # [T, R]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [T, 2R]
+    if attention_factor != 1.0:
+        return (emb.cos() * attention_factor).to(dtype), (emb.sin() * attention_factor).to(dtype)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 

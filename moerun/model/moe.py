@@ -30,7 +30,7 @@ from .. import kernels
 from ..comm import Comm
 from ..config import ModelConfig
 from ..profile import NULL_PROFILER
-from ..weights_spec import TensorSpec
+from ..weights_spec import DEINTERLEAVE, TensorSpec, rows
 from .layers import Linear
 
 # HF tensor names of one expert's (gate, up, down) projections, by family.
@@ -38,6 +38,10 @@ _EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"), "minimax_m2": ("w1", "w3", "w2")
 # where the router's correction bias sits, relative to the MoE block (default: in the gate)
 _BIAS_NAMES = {"minimax_m2": "e_score_correction_bias"}
 _DEFAULT_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
+# Families that store all experts as fused 3-D tensors (gate/up columns interleaved), and
+# their router's name.
+_FUSED_EXPERTS = {"gpt_oss"}
+_ROUTER_NAMES = {"gpt_oss": "router"}
 
 
 class DenseMLP(nn.Module):
@@ -64,12 +68,15 @@ class MoE(nn.Module):
         E, H, Fw = cfg.num_experts, cfg.hidden_size, cfg.moe_ffn
         mine = comm.experts(E)
         self.num_local, self.expert_start = len(mine), mine.start
-        self.gate = Linear(H, E, dtype=dtype)  # the router, replicated
+        self.gate = Linear(H, E, bias=cfg.router_bias, dtype=dtype)  # the router, replicated
         self.w13 = nn.Parameter(torch.empty(self.num_local, H, 2 * Fw, dtype=dtype).transpose(1, 2))
         self.w2 = nn.Parameter(torch.empty(self.num_local, Fw, H, dtype=dtype).transpose(1, 2))
         # chooses experts only (sigmoid scoring); float32 like the scores it is added to
         self.register_buffer("e_score_correction_bias",
                              torch.zeros(E, dtype=torch.float32) if cfg.score_bias else None)
+        # GPT-OSS: expert biases (gate then up, like w13's rows) and the clamped SwiGLU
+        self.w13_bias = nn.Parameter(torch.zeros(self.num_local, 2 * Fw, dtype=dtype)) if cfg.expert_bias else None
+        self.w2_bias = nn.Parameter(torch.zeros(self.num_local, H, dtype=dtype)) if cfg.expert_bias else None
         self.shared_expert = DenseMLP(H, cfg.shared_expert_ffn, dtype) if cfg.shared_expert_ffn else None
         gated = cfg.shared_expert_ffn and cfg.shared_expert_gated
         self.shared_expert_gate = Linear(H, 1, dtype=dtype) if gated else None
@@ -77,12 +84,21 @@ class MoE(nn.Module):
     def route(self, x_tH: torch.Tensor):
         cfg = self.cfg
         if cfg.scoring == "sigmoid":  # float32 logits: near-equal scores choose the reference's experts
-            logits_tE = F.linear(x_tH.float(), self.gate.weight.float())
+            bias = self.gate.bias.float() if self.gate.bias is not None else None
+            logits_tE = F.linear(x_tH.float(), self.gate.weight.float(), bias)
         else:
             logits_tE = self.gate(x_tH)
         return kernels.route(logits_tE, cfg.top_k, scoring=cfg.scoring, renormalize=cfg.norm_topk_prob,
                              bias_E=self.e_score_correction_bias, num_groups=cfg.n_group,
                              topk_groups=cfg.topk_group, scaling=cfg.routed_scaling)  # [t, K] f32, int32
+
+    def act(self) -> kernels.ExpertAct:
+        """The experts' activation and biases, as every fused_moe call takes them: under EP the
+        receiving rank runs them with weight 1 and ``combine`` weights the whole output, the
+        down bias included."""
+        cfg = self.cfg
+        return kernels.ExpertAct(kind=cfg.expert_act, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit,
+                                 w13_bias=self.w13_bias, w2_bias=self.w2_bias)
 
     def forward(self, x_tH: torch.Tensor, prof=NULL_PROFILER) -> torch.Tensor:
         with prof.phase("router"):
@@ -90,7 +106,7 @@ class MoE(nn.Module):
         prof.count_experts(self.layer, ids_tK, self.cfg.num_experts)
         if self.comm.ep_size == 1:
             with prof.phase("experts"):
-                out = kernels.fused_moe(x_tH, self.w13, self.w2, weights_tK, ids_tK)
+                out = kernels.fused_moe(x_tH, self.w13, self.w2, weights_tK, ids_tK, act=self.act())
             prof.note_activation(x_tH, out)
         else:
             out = self._expert_parallel(x_tH, weights_tK, ids_tK, prof)
@@ -117,7 +133,8 @@ class MoE(nn.Module):
         with prof.phase("experts"):
             ones_R1 = torch.ones(recv_RH.shape[0], 1, dtype=torch.float32, device=x_tH.device)
             y_RH = kernels.fused_moe(recv_RH, self.w13, self.w2, ones_R1, recv_ids_R[:, None],
-                                     expert_start=self.expert_start, num_local_experts=self.num_local)
+                                     expert_start=self.expert_start, num_local_experts=self.num_local,
+                                     act=self.act())
         prof.note_activation(x_tH, send, recv_RH, y_RH)
         with prof.phase("ep_all_to_all"):
             back = comm.ep_all_to_all(y_RH, recv_splits, send_splits)
@@ -127,18 +144,37 @@ class MoE(nn.Module):
     def specs(self, prefix: str) -> list[TensorSpec]:
         cfg, Fw, H = self.cfg, self.cfg.moe_ffn, self.cfg.hidden_size
         gate_n, up_n, down_n = _EXPERT_NAMES.get(cfg.model_type, _DEFAULT_EXPERT_NAMES)
-        s = self.gate.specs(f"{prefix}.gate")
+        s = self.gate.specs(f"{prefix}.{_ROUTER_NAMES.get(cfg.model_type, 'gate')}")
         if self.e_score_correction_bias is not None:
             name = f"{prefix}.{_BIAS_NAMES.get(cfg.model_type, 'gate.e_score_correction_bias')}"
             s.append(TensorSpec(name, (cfg.num_experts,), self.e_score_correction_bias))
-        for j in range(self.num_local):
+        if cfg.model_type in _FUSED_EXPERTS:
+            s += self._fused_specs(f"{prefix}.experts")
+        for j in range(0 if cfg.model_type in _FUSED_EXPERTS else self.num_local):
             e = f"{prefix}.experts.{self.expert_start + j}"
             s += [TensorSpec(f"{e}.{gate_n}.weight", (Fw, H), self.w13[j, :Fw]),
                   TensorSpec(f"{e}.{up_n}.weight", (Fw, H), self.w13[j, Fw:]),
                   TensorSpec(f"{e}.{down_n}.weight", (H, Fw), self.w2[j])]
+            if self.w13_bias is not None:
+                s += [TensorSpec(f"{e}.{gate_n}.bias", (Fw,), self.w13_bias[j, :Fw]),
+                      TensorSpec(f"{e}.{up_n}.bias", (Fw,), self.w13_bias[j, Fw:]),
+                      TensorSpec(f"{e}.{down_n}.bias", (H,), self.w2_bias[j])]
         if self.shared_expert_gate is not None:  # Qwen2-MoE
             s += self.shared_expert.specs(f"{prefix}.shared_expert")
             s += self.shared_expert_gate.specs(f"{prefix}.shared_expert_gate")
         elif self.shared_expert is not None:  # GLM-4.5, dots.llm1: n_shared_experts fused into one MLP
             s += self.shared_expert.specs(f"{prefix}.shared_experts")
+        return s
+
+    def _fused_specs(self, prefix: str) -> list[TensorSpec]:
+        """GPT-OSS's fused experts: ``gate_up_proj [E, H, 2F]`` (gate / up columns interleaved)
+        and ``down_proj [E, F, H]``, with biases ``[E, 2F]`` / ``[E, H]``; a rank reads its
+        experts' rows and de-interleaves them into w13's gate-then-up layout."""
+        E, Fw, H = self.cfg.num_experts, self.cfg.moe_ffn, self.cfg.hidden_size
+        mine = rows(range(self.expert_start, self.expert_start + self.num_local))
+        s = [TensorSpec(f"{prefix}.gate_up_proj", (E, H, 2 * Fw), self.w13.transpose(1, 2), mine, DEINTERLEAVE),
+             TensorSpec(f"{prefix}.down_proj", (E, Fw, H), self.w2.transpose(1, 2), mine)]
+        if self.w13_bias is not None:
+            s += [TensorSpec(f"{prefix}.gate_up_proj_bias", (E, 2 * Fw), self.w13_bias, mine, DEINTERLEAVE),
+                  TensorSpec(f"{prefix}.down_proj_bias", (E, H), self.w2_bias, mine)]
         return s

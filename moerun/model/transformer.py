@@ -19,6 +19,7 @@ from ..weights_spec import TensorSpec
 from .attention import Attention, AttnMeta
 from .layers import LMHead, RMSNorm, VocabParallelEmbedding, rope_cos_sin
 from .moe import MoE, DenseMLP
+from .rope import rope_parameters
 
 
 class DecoderLayer(nn.Module):
@@ -65,6 +66,8 @@ class MoEModel(nn.Module):
         self.is_last = self.layer_ids.stop == cfg.num_layers
         self.dtype = dtype
         H = cfg.hidden_size
+        inv_freq, self.rope_attention_factor = rope_parameters(cfg, cfg.rotary_dim)  # float32, on the CPU
+        self.register_buffer("rope_inv_freq", inv_freq.to(torch.get_default_device()), persistent=False)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, H, self.comm, dtype) if self.is_first else None
         self.layers = nn.ModuleList(DecoderLayer(cfg, self.comm, i, dtype) for i in self.layer_ids)
         if self.is_last:
@@ -86,7 +89,7 @@ class MoEModel(nn.Module):
         else:
             h = x
         with prof.phase("qkv"):  # the rotary tables every layer's q and k use
-            cos, sin = rope_cos_sin(positions_T, self.cfg.rotary_dim, self.cfg.rope_theta, h.dtype)
+            cos, sin = rope_cos_sin(positions_T, self.rope_inv_freq, h.dtype, self.rope_attention_factor)
         for j, layer in enumerate(self.layers):
             h = layer(h, cos, sin, meta, cache, j, prof)
         if not self.is_last:
