@@ -64,6 +64,7 @@ class MoEModel(nn.Module):
         self.is_first = self.layer_ids.start == 0
         self.is_last = self.layer_ids.stop == cfg.num_layers
         self.dtype = dtype
+        self.rebalancer = None  # dynamic EPLB (moerun.model.rebalance), stepped by the worker
         H = cfg.hidden_size
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, H, self.comm, dtype) if self.is_first else None
         self.layers = nn.ModuleList(DecoderLayer(cfg, self.comm, i, dtype) for i in self.layer_ids)

@@ -50,6 +50,7 @@ def parser() -> argparse.ArgumentParser:
     cli_args.add_model_args(ap)
     cli_args.add_layout_args(ap)
     cli_args.add_engine_args(ap)
+    cli_args.add_eplb_args(ap, load_out=False)
     g = ap.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (rank 0)")
     g.add_argument("--port", type=int, default=8000)
@@ -92,7 +93,7 @@ def _serve(args) -> int:
     if rank != 0:  # followers: the leader decides when to stop
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)
-        rt = Runtime.create(opts, par, args.timeout)
+        rt = Runtime.create(opts, par, args.timeout, cli_args.eplb_options(args))
         worker = follow_leader(rt.model, ecfg, rt.mesh)
         if ecfg.profile:  # the leader gathers every rank's profile after the drain
             gather_to_rank0(rt.mesh, {rt.rank: worker.profile_report()})
@@ -135,7 +136,7 @@ def _lead(args, opts, par, ecfg, conn, proc) -> int:
         signal.signal(sig, on_signal)
 
     t0 = time.perf_counter()
-    rt = Runtime.create(opts, par, args.timeout)
+    rt = Runtime.create(opts, par, args.timeout, cli_args.eplb_options(args))
     engine = Engine(rt.model, ecfg, rt.mesh)
     cache_tokens = engine.num_blocks * ecfg.block_size
     max_len = args.max_model_len or min(rt.cfg.max_position_embeddings, cache_tokens)
@@ -168,7 +169,8 @@ def write_server_profile(args, opts, rt, engine, loop: EngineLoop, wall_s: float
     reports = gather_to_rank0(rt.mesh, mine) if rt.mesh else mine
     workload = {"requests": loop.num_requests, "prompt_tokens": loop.prompt_tokens, "output_tokens": loop.output_tokens}
     summary = build_summary(reports, par=rt.par, model=opts.model, dtype=str(rt.model.dtype).removeprefix("torch."),
-                            workload=workload, wall_s=wall_s, ticks=engine.tick)
+                            workload=workload, wall_s=wall_s, ticks=engine.tick,
+                            placement=rt.model.comm.placement)
     publish(summary, reports, args.profile_out)
 
 
