@@ -16,10 +16,11 @@ token-slot routed to logical expert e goes to one of e's replicas, spread evenly
 ``moerun.model.moe``). The default placement (R = 0, no load) is the contiguous split:
 ``phys = (0, 1, ..., E-1)``.
 
-The algorithm (as DeepSeek's EPLB): give each logical expert one replica, then give the
-R extra replicas one by one to the expert with the most load per replica; then pack the
-physical experts, heaviest first, onto the EP rank with the least load that still has a
-free slot (and, when it can, no copy of that expert yet). With ``gpus_per_node`` smaller
+The algorithm (after DeepSeek's EPLB): give each logical expert one replica, then the R
+extra replicas one by one, each to the expert (of the few with the most load per replica)
+whose resulting packing has the lowest maximum rank load; packing puts the physical
+experts, heaviest first, onto the EP rank with the least load that still has a free slot
+(and, when it can, no copy of that expert yet). With ``gpus_per_node`` smaller
 than ep (EP spans nodes) it is hierarchical: logical experts are first packed onto nodes
 (E / nodes each), then replicated and packed inside each node, so every replica of an
 expert stays on its node. A plan is never worse than the contiguous split: when greedy
@@ -94,6 +95,10 @@ def pack(items: list[tuple[float, int]], num_bins: int, capacity: int) -> list[l
     """Greedy balanced packing: ``items`` (weight, logical id), heaviest first (ties: lower
     id), each onto the least-loaded bin with room, preferring a bin without that id (ties:
     the lower bin). Returns the ids of each bin, sorted."""
+    return _pack(items, num_bins, capacity)[0]
+
+
+def _pack(items, num_bins, capacity):
     assert len(items) <= num_bins * capacity, "more physical experts than slots"
     bins: list[list[int]] = [[] for _ in range(num_bins)]
     loads = [0.0] * num_bins
@@ -103,14 +108,36 @@ def pack(items: list[tuple[float, int]], num_bins: int, capacity: int) -> list[l
         b = min(fresh, key=lambda i: (loads[i], i))
         bins[b].append(e)
         loads[b] += w
-    return [sorted(b) for b in bins]
+    return [sorted(b) for b in bins], loads
+
+
+LOOKAHEAD = 4  # candidates (most load per replica) a replica is tried on, by packing each
 
 
 def _replicate_and_pack(experts: list[int], load_E: list[float], redundant: int, ranks: int,
                         slots: int) -> list[list[int]]:
-    reps = replicate([load_E[e] for e in experts], redundant)
-    items = [(load_E[e] / r, e) for e, r in zip(experts, reps) for _ in range(r)]
-    return pack(items, ranks, slots)
+    """Replicas for ``experts`` and their packing onto ``ranks``. Each extra replica goes to
+    the candidate (of the LOOKAHEAD with the most load per replica) whose packing has the
+    lowest maximum rank load; ties go to the most load per replica. (Giving it simply to
+    the most load per replica can leave pieces that do not split over the ranks: two hot
+    experts with 3 copies each on 4 ranks put two pieces on two of them.)"""
+    load = [load_E[e] for e in experts]
+    reps = [1] * len(experts)
+
+    def packed(reps):
+        items = [(load[i] / r, e) for i, (e, r) in enumerate(zip(experts, reps)) for _ in range(r)]
+        bins, loads = _pack(items, ranks, slots)
+        return bins, max(loads)
+    for _ in range(redundant):
+        order = sorted(range(len(experts)), key=lambda i: (-load[i] / reps[i], i))[:LOOKAHEAD]
+        best = None
+        for i in order:
+            trial = reps[:i] + [reps[i] + 1] + reps[i + 1:]
+            cost = packed(trial)[1]
+            if best is None or cost < best[0] - 1e-12:
+                best = (cost, i)
+        reps[best[1]] += 1
+    return packed(reps)[0]
 
 
 def plan_layer(load_E: list[float], ep: int, redundant: int = 0,

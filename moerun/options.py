@@ -64,8 +64,9 @@ class EPLBOptions:
     load_out: str | None = None  # --expert-load-out: write the run's expert load here
 
     def __post_init__(self):
-        bad = [f"--{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}"
-               for k in ("interval", "window", "gpus_per_node") if getattr(self, k) is not None and getattr(self, k) < 1]
+        flags = {"interval": "--eplb-interval", "window": "--eplb-window", "gpus_per_node": "--gpus-per-node"}
+        bad = [f"{flag} must be >= 1, got {getattr(self, k)}"
+               for k, flag in flags.items() if getattr(self, k) is not None and getattr(self, k) < 1]
         if self.window is not None and self.interval is None:
             bad.append("--eplb-window needs --eplb-interval (it sizes the dynamic re-plan's window)")
         if bad:

@@ -2,7 +2,7 @@
 
     rt = Runtime.create(ModelOptions(model="tiny"), ParallelConfig(tp=2, pp=2))   # under torchrun
     rt = Runtime.create(ModelOptions(model="/ckpt"))                             # one process
-    rt = Runtime.create(opts, ParallelConfig(ep=4, redundant_experts=4), eplb=EPLBOptions(load_file="load.json"))
+    rt = Runtime.create(opts, ParallelConfig(ep=4, redundant_experts=4), eplb_opts=EPLBOptions(load_file="load.json"))
     rt.model, rt.mesh, rt.cfg, rt.is_leader
 
 With ``EPLBOptions`` the experts are placed from a measured load (``--eplb-load``: the
