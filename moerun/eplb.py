@@ -34,6 +34,7 @@ layer, zeros for dense layers). A ``moerun --profile-out`` summary.json (its
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -75,6 +76,7 @@ def contiguous(num_experts: int) -> tuple[int, ...]:
     return tuple(range(num_experts))
 
 
+@functools.lru_cache(maxsize=256)
 def default_placement(num_experts: int, ep: int, redundant: int) -> tuple[int, ...]:
     """A layer's placement when no load was measured: the contiguous split for R = 0,
     else the plan of a uniform load."""
