@@ -311,3 +311,63 @@ def _bytes_read_default(path, par, rank) -> int:
     with torch.device("meta"):
         m = MoEModel(cfg, Comm(par, rank), par.stage_layers(cfg.num_layers)[par.coord(rank).pp])
     return 4 * sum(torch.Size(s.local_shape).numel() for s in m.specs())
+
+
+# ------------------------------------------------------ planner and layout
+def skewed_tiny_load(tmp_path) -> Path:
+    cfg = ModelConfig.load("tiny")
+    load = {i: [3000 if e in (i % 64, (i * 5 + 1) % 64) else 10 + e % 7 for e in range(64)] for i in range(16)}
+    eplb.write_load(tmp_path / "load.json", cfg, load)
+    return tmp_path / "load.json"
+
+
+def test_plan_projects_balance_and_step_time_from_a_measured_load(tmp_path, capsys):
+    from moerun.plan.cli import main
+
+    load = str(skewed_tiny_load(tmp_path))
+    base = ["--model", "tiny", "--hardware", "cpu", "--gpus", "4", "--ep", "4", "--dp", "4", "--json",
+            "--concurrency", "256", "--prompt-len", "2048"]  # a compute-bound prefill
+
+    def plan(*flags):
+        assert main([*base, *flags]) == 0
+        return json.loads(capsys.readouterr().out)
+    uniform, contiguous = plan(), plan("--expert-load", load)
+    placed = plan("--expert-load", load, "--redundant-experts", "4")
+    cfg = ModelConfig.load("tiny")
+    want = eplb.layer_balance(eplb.read_load(load, cfg), None, 4)
+    assert contiguous["expert_load"]["contiguous_balance"] == pytest.approx(want) and want < 0.7
+    assert placed["expert_load"]["placed_balance"] > 0.9 > contiguous["expert_load"]["used"]
+    assert placed["projection"]["measured_balance"] == placed["expert_load"]["placed_balance"]
+    prefill = {k: v["projection"]["batch_prefill_s"] for k, v in (("u", uniform), ("c", contiguous), ("p", placed))}
+    assert prefill["c"] > 1.2 * prefill["p"] and prefill["c"] > 1.2 * prefill["u"]  # the busiest rank's experts
+    tpot = {k: v["projection"]["tpot_s"] for k, v in (("u", uniform), ("c", contiguous))}
+    assert tpot["c"] >= tpot["u"]  # decode reads weights and KV: memory-bound, skew or not
+    extra = 16 * cfg.expert_params() * 2  # one more physical expert per rank and layer, bfloat16
+    assert placed["memory_per_gpu_bytes"] - contiguous["memory_per_gpu_bytes"] >= extra
+    assert main([*base, "--eplb"]) == 2 and "need --expert-load" in capsys.readouterr().err
+
+
+def test_layout_counts_redundant_experts_and_prints_the_balance(tmp_path, capsys):
+    from moerun.layout_cli import main
+
+    load = str(skewed_tiny_load(tmp_path))
+    cfg = ModelConfig.load("tiny")
+    assert main(["--model", "tiny", "--world", "4", "--ep", "4", "--dp", "4", "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(["--model", "tiny", "--world", "4", "--ep", "4", "--dp", "4", "--redundant-experts", "4",
+                 "--eplb-load", load, "--json"]) == 0
+    red = json.loads(capsys.readouterr().out)
+    for a, b in zip(plain["ranks"], red["ranks"]):
+        assert b["params"] - a["params"] == 16 * cfg.expert_params()  # 16 MoE layers, one more expert each
+    assert red["ranks"][3]["experts"] == [51, 67]
+    assert red["expert_balance"]["placed"] > 0.9 > red["expert_balance"]["contiguous"]
+
+
+def test_profile_summary_spreads_replicated_experts_over_their_ranks():
+    from moerun.profile.summary import expert_load
+
+    reports = {0: {"experts": {"0": [10, 1, 1, 0]}}, 1: {"experts": {"0": [10, 1, 1, 0]}}}
+    par = ParallelConfig(ep=2, dp=2, redundant_experts=2)
+    got = expert_load(reports, par, {0: (0, 1, 3, 0, 2, 3)})
+    assert got["per_ep_rank"] == [12, 12]  # expert 0's 20 slots split over its two replicas
+    assert expert_load(reports, ParallelConfig(ep=2, dp=2))["per_ep_rank"] == [22, 2]
