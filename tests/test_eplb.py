@@ -371,3 +371,18 @@ def test_profile_summary_spreads_replicated_experts_over_their_ranks():
     got = expert_load(reports, par, {0: (0, 1, 3, 0, 2, 3)})
     assert got["per_ep_rank"] == [12, 12]  # expert 0's 20 slots split over its two replicas
     assert expert_load(reports, ParallelConfig(ep=2, dp=2))["per_ep_rank"] == [22, 2]
+
+
+def test_generate_writes_the_expert_load_and_places_experts_from_it(tmp_path, capsys):
+    from moerun import generate
+
+    out = tmp_path / "load.json"
+    flags = ["--prompt-ids", "5,6,7", "--prompt-ids", "9,8", "--max-new-tokens", "4", "--ignore-eos", "--json"]
+    assert generate.main([*flags, "--expert-load-out", str(out)]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    cfg = ModelConfig.load("tiny")
+    load = eplb.read_load(out, cfg)
+    computed = (3 + 4 - 1) + (2 + 4 - 1)  # a request computes its prompt and all but its last token
+    assert sorted(load) == list(range(16)) and all(sum(row) == computed * cfg.top_k for row in load.values())
+    assert generate.main([*flags, "--eplb-load", str(out), "--redundant-experts", "2"]) == 0
+    assert json.loads(capsys.readouterr().out) == plain
