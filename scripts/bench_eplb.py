@@ -17,7 +17,9 @@ What it does
        default placement);
     3. prints, per mode: the balance measured on the ranks (rows each EP rank's experts
        computed, summed over the layers: ``moerun.plan.metrics.load_balance``; and the mean
-       over layers of each layer's balance), the "experts" phase seconds of the busiest
+       over layers of each layer's balance; dynamic: also the balance of the rows after its
+       first move, since the prefill of a run comes before any re-plan), the "experts"
+       phase seconds of the busiest
        rank and of the mean rank (the profiler's phase time), the step wall of the run,
        and whether the tokens equal the contiguous run's.
 
@@ -106,7 +108,9 @@ def worker(args) -> None:
         w = follow_leader(rt.model, ecfg, rt.mesh)
     moes = [m for m in rt.model.modules() if isinstance(m, MoE)]
     rb = rt.model.rebalancer
+    first = rb.rows_at_first_move if rb and rb.rows_at_first_move else [0] * len(moes)
     mine = {"rows": {m.layer: m.rows_received for m in moes},
+            "rows_after_move": {m.layer: m.rows_received - r0 for m, r0 in zip(moes, first)} if rb else None,
             "experts_s": w.profile_report()["phases_s"]["experts"],
             "moved_bytes": rb.bytes_moved if rb else 0, "replans": rb.replans if rb else 0}
     parts = gather_to_rank0(rt.mesh, {rt.rank: mine})
@@ -137,7 +141,10 @@ def summarize(res: dict, ep: int) -> dict:
     per_rank = [sum(ranks[r]["rows"][k] for k in layers) for r in range(ep)]
     per_layer = [load_balance([ranks[r]["rows"][k] for r in range(ep)]) for k in layers]
     experts = [ranks[r]["experts_s"] for r in range(ep)]
-    return {"balance": load_balance(per_rank), "layer_balance": sum(per_layer) / len(per_layer),
+    after = None
+    if ranks[0]["rows_after_move"] is not None:
+        after = load_balance([sum(ranks[r]["rows_after_move"][k] for k in layers) for r in range(ep)])
+    return {"balance": load_balance(per_rank), "balance_after_first_move": after, "layer_balance": sum(per_layer) / len(per_layer),
             "rows_per_rank": per_rank, "experts_s_max": max(experts), "experts_s_mean": sum(experts) / ep,
             "wall_s": res["wall_s"], "moved_bytes": sum(v["moved_bytes"] for v in ranks.values()),
             "replans": ranks[0]["replans"]}
@@ -183,10 +190,11 @@ def main() -> None:
     print(f"measured on {device}, {when}; skewed model: {args.layers} layers x {args.experts} experts (top-2, "
           f"H {args.hidden}, F {args.ffn}), "
           f"{args.prompts} requests x {args.prompt_len} prompt + {args.new_tokens} new tokens, EP {args.ep}")
-    print(f"{'mode':<38} {'balance':>8} {'per-layer':>9} {'busiest experts s':>18} {'mean experts s':>15} "
-          f"{'run s':>7} {'moved MB':>9} {'tokens =':>8}")
+    print(f"{'mode':<38} {'balance':>8} {'per-layer':>9} {'after move':>10} {'busiest experts s':>18} "
+          f"{'mean experts s':>15} {'run s':>7} {'moved MB':>9} {'tokens =':>8}")
     for name, r in rows.items():
-        print(f"{name:<38} {r['balance']:>8.3f} {r['layer_balance']:>9.3f} {r['experts_s_max']:>18.3f} "
+        after = "" if r["balance_after_first_move"] is None else f"{r['balance_after_first_move']:.3f}"
+        print(f"{name:<38} {r['balance']:>8.3f} {r['layer_balance']:>9.3f} {after:>10} {r['experts_s_max']:>18.3f} "
               f"{r['experts_s_mean']:>15.3f} {r['wall_s']:>7.2f} {r['moved_bytes'] / 1e6:>9.2f} "
               f"{str(r['tokens_equal']):>8}")
     if args.json:

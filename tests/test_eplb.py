@@ -215,7 +215,7 @@ def test_rebalancer_moves_experts_and_changes_no_token(hf_checkpoint):
     sp = SamplingParams(max_new_tokens=6, ignore_eos=True)
     want = Engine(ref, EngineConfig(num_blocks=64)).generate(prompts, [sp] * 3)
     m = build_model(str(path), comm=Comm(ParallelConfig(redundant_experts=2), 0))
-    m.rebalancer = Rebalancer(m, interval=2)
+    m.rebalancer = Rebalancer(m, interval=2, min_gain=-1.0)  # one rank gains nothing: move on any change
     got = Engine(m, EngineConfig(num_blocks=64)).generate(prompts, [sp] * 3)
     assert got == want
     assert m.rebalancer.replans == 3 and m.rebalancer.layers_moved > 0

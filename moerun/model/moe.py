@@ -130,6 +130,7 @@ class MoE(nn.Module):
             recv_RX = comm.ep_all_to_all(send_SX, send_splits, recv_splits)
             recv_RH, recv_ids_R = recv_RX[:, :H], ids_of(recv_RX, H)
         self.rows_received += recv_RH.shape[0]
+        prof.count_rows(self.layer, recv_RH.shape[0])
         with prof.phase("experts"):
             ones_R1 = torch.ones(recv_RH.shape[0], 1, dtype=torch.float32, device=x_tH.device)
             y_RH = kernels.fused_moe(recv_RH, self.w13, self.w2, ones_R1, recv_ids_R[:, None],

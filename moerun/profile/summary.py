@@ -66,7 +66,9 @@ def expert_load(reports: dict, par: ParallelConfig, placement: dict | None = Non
     tokens), and per EP rank over the run: EP rank r receives the slots of experts
     ``par.experts_of(r, E)``, summed over the layers and the EP groups. With redundant
     experts or a measured ``placement`` ({layer: physical slot -> logical expert}), an
-    expert's slots count evenly on the ranks of its replicas (``moerun.eplb``)."""
+    expert's slots count evenly on the ranks of its replicas (``moerun.eplb``). Under EP the
+    ranks count the rows their experts computed (``Profiler.count_rows``): then
+    ``per_ep_rank`` is that measured count (equal to the above for R = 0)."""
     layers: dict[int, list[int]] = {}
     for rep in reports.values():
         for layer, counts in rep["experts"].items():
@@ -80,6 +82,11 @@ def expert_load(reports: dict, par: ParallelConfig, placement: dict | None = Non
         per_ep = eplb.summed_rank_loads(layers, phys, par.ep)
     else:
         per_ep = [sum(c[e] for c in per_layer for e in par.experts_of(r, E)) for r in range(par.ep)] if E else []
+    if par.ep > 1 and any(rep.get("ep_rows") for rep in reports.values()):
+        measured = [0] * par.ep
+        for rep in reports.values():
+            measured[rep["coord"]["ep"]] += sum(rep.get("ep_rows", {}).values())
+        per_ep = measured
     return {"per_layer": per_layer, "per_ep_rank": per_ep}
 
 
