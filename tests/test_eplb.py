@@ -386,3 +386,21 @@ def test_generate_writes_the_expert_load_and_places_experts_from_it(tmp_path, ca
     assert sorted(load) == list(range(16)) and all(sum(row) == computed * cfg.top_k for row in load.values())
     assert generate.main([*flags, "--eplb-load", str(out), "--redundant-experts", "2"]) == 0
     assert json.loads(capsys.readouterr().out) == plain
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_dispatch_with_device_splits_equals_the_host_path(impl):
+    from moerun import kernels
+
+    T, K, H, P, R = 13, 2, 8, 10, 2
+    x = torch.randn(T, H)
+    ids = torch.randint(0, P, (T, K), dtype=torch.int32)
+    w = torch.rand(T, K)
+    owner = kernels.contiguous_expert_ranks(P, R)
+    send, splits, meta = kernels.dispatch(x, ids, w, owner, num_ranks=R, impl=impl)
+    send_d, splits_d, meta_d = kernels.dispatch(x, ids, w, owner, num_ranks=R, impl=impl, host_splits=False)
+    assert torch.is_tensor(splits_d) and splits_d.tolist() == splits == [int((ids < 5).sum()), int((ids >= 5).sum())]
+    assert torch.equal(send, send_d) and torch.equal(meta.row_of_slot_TK, meta_d.row_of_slot_TK)
+    assert torch.equal(meta.expert_of_row, meta_d.expert_of_row)
+    with pytest.raises(ValueError, match="needs num_ranks"):
+        kernels.dispatch(x, ids, w, owner, impl=impl, host_splits=False)
