@@ -52,8 +52,6 @@ def free_port() -> int:
 
 def make_skewed_checkpoint(path: Path, layers: int, experts: int, hidden: int, ffn: int, seed: int = 0) -> None:
     """A mixtral-type checkpoint whose routers favour four experts per layer."""
-    import dataclasses
-
     import torch
 
     from moerun.config import ModelConfig
@@ -63,7 +61,6 @@ def make_skewed_checkpoint(path: Path, layers: int, experts: int, hidden: int, f
     base = ModelConfig.load("tiny")
     cfg = ModelConfig.from_hf({**base.to_hf(), "num_hidden_layers": layers, "num_local_experts": experts,
                                "hidden_size": hidden, "intermediate_size": ffn}, name="skewed")
-    assert dataclasses.is_dataclass(cfg)
     model = MoEModel(cfg)
     model.requires_grad_(False)
     init_random(model, seed)
@@ -144,8 +141,8 @@ def summarize(res: dict, ep: int) -> dict:
     after = None
     if ranks[0]["rows_after_move"] is not None:
         after = load_balance([sum(ranks[r]["rows_after_move"][k] for k in layers) for r in range(ep)])
-    return {"balance": load_balance(per_rank), "balance_after_first_move": after, "layer_balance": sum(per_layer) / len(per_layer),
-            "rows_per_rank": per_rank, "experts_s_max": max(experts), "experts_s_mean": sum(experts) / ep,
+    return {"balance": load_balance(per_rank), "balance_after_first_move": after,
+            "layer_balance": sum(per_layer) / len(per_layer), "rows_per_rank": per_rank, "experts_s_max": max(experts), "experts_s_mean": sum(experts) / ep,
             "wall_s": res["wall_s"], "moved_bytes": sum(v["moved_bytes"] for v in ranks.values()),
             "replans": ranks[0]["replans"]}
 

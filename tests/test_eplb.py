@@ -21,7 +21,7 @@ from moerun.engine import Engine, EngineConfig
 from moerun.model.moe import MoE, ids_of, with_ids
 from moerun.model.placement import ReplicaMap, move_experts
 from moerun.model.rebalance import Rebalancer
-from moerun.options import EPLBOptions, SamplingParams
+from moerun.options import SamplingParams
 from moerun.parallel import LayoutError, ParallelConfig
 from moerun.weights import full_model_shapes
 
