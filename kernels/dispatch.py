@@ -16,6 +16,10 @@ These wrap the expert-parallel all-to-all; they never call torch.distributed:
 - ``send_splits``: a Python list of ``num_ranks`` ints, rows per destination rank, ready for
   ``all_to_all_single``. Producing it syncs with the device (the all-to-all needs it on the
   host anyway). ``num_ranks=None`` means ranks_of_experts.max() + 1.
+  ``host_splits=False`` keeps them on the device instead (an int64 tensor [num_ranks],
+  num_ranks required) and skips the host-side range checks, for a caller whose ids are
+  valid by construction that exchanges the counts on the device first and copies them to
+  the host once (the MoE layer: one sync per layer).
 - ``meta``: a DispatchMeta, what combine needs.
 - ``combine`` returns out[t] = sum_k weights[t, k] * recv_back[row of slot (t, k)],
   accumulated in float32, in x's dtype.
@@ -39,7 +43,7 @@ class DispatchMeta:
     row_of_slot_TK: torch.Tensor  # [T, K] int32: the send_buf row carrying slot (t, k)
     expert_of_row: torch.Tensor   # [S] int32: global expert id of each send_buf row
     weights_TK: torch.Tensor      # [T, K] float32 routing weights, applied by combine
-    send_splits: list[int]        # rows per destination rank (as returned by dispatch)
+    send_splits: list[int] | torch.Tensor  # rows per destination rank (as returned by dispatch)
     num_tokens: int               # T
     hidden: int                   # H
     dtype: torch.dtype            # x's dtype, the dtype combine returns
@@ -70,9 +74,15 @@ def _check_dispatch(x_TH, ids_TK, weights_TK, ranks_of_experts, num_ranks):
         raise ValueError(f"num_ranks={num_ranks} must be >= 1 (the EP size)")
 
 
-def _splits_and_checks(ids_S, ranks_E, num_ranks):
-    """Rows per rank, plus the range checks, in ONE device-to-host transfer."""
+def _splits_and_checks(ids_S, ranks_E, num_ranks, host_splits=True):
+    """Rows per rank, plus the range checks, in ONE device-to-host transfer; with
+    ``host_splits=False`` the rows per rank as a device tensor, no transfer, no checks."""
     E = ranks_E.numel()
+    if not host_splits:
+        if num_ranks is None:
+            raise ValueError("dispatch(host_splits=False) needs num_ranks (the EP size)")
+        rank_S = ranks_E.long()[ids_S.long()]
+        return torch.bincount(rank_S, minlength=num_ranks)[:num_ranks], rank_S
     bad_ids = ((ids_S < 0) | (ids_S >= E)).any().reshape(1).long()
     rank_S = ranks_E.long()[ids_S.long().clamp(0, E - 1)]
     R = num_ranks if num_ranks is not None else int(ranks_E.max()) + 1
@@ -87,13 +97,13 @@ def _splits_and_checks(ids_S, ranks_E, num_ranks):
     return host[:R], rank_S
 
 
-def reference_dispatch(x_TH, ids_TK, weights_TK, ranks_of_experts, *, num_ranks=None):
+def reference_dispatch(x_TH, ids_TK, weights_TK, ranks_of_experts, *, num_ranks=None, host_splits=True):
     """The readable definition: a stable sort of the slots by (rank, expert)."""
     _check_dispatch(x_TH, ids_TK, weights_TK, ranks_of_experts, num_ranks)
     ranks_of_experts = ranks_of_experts.to(x_TH.device)
     T, K = ids_TK.shape
     ids_S = ids_TK.reshape(-1)
-    send_splits, rank_S = _splits_and_checks(ids_S, ranks_of_experts, num_ranks)
+    send_splits, rank_S = _splits_and_checks(ids_S, ranks_of_experts, num_ranks, host_splits)
     slot_of_row = torch.argsort(rank_S * ranks_of_experts.numel() + ids_S.long(), stable=True)
     row_of_slot = torch.empty_like(slot_of_row)
     row_of_slot[slot_of_row] = torch.arange(slot_of_row.numel(), device=x_TH.device)
@@ -151,12 +161,13 @@ def _combine_kernel(recv_ptr, row_of_slot_ptr, weights_ptr, out_ptr, T, H, top_k
 
 def dispatch(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
              ranks_of_experts: torch.Tensor, *, num_ranks: int | None = None,
-             impl: str | None = None):
+             impl: str | None = None, host_splits: bool = True):
     """Pack slots by destination rank. Returns (send_buf [T*K, H], send_splits list[int]
-    of length num_ranks, meta DispatchMeta). See the module docstring."""
+    of length num_ranks (a device tensor with host_splits=False), meta DispatchMeta). See
+    the module docstring."""
     if resolve_impl(impl, x_TH.device) == "torch":
         return reference_dispatch(x_TH, ids_TK, weights_TK, ranks_of_experts,
-                                  num_ranks=num_ranks)
+                                  num_ranks=num_ranks, host_splits=host_splits)
     _check_dispatch(x_TH, ids_TK, weights_TK, ranks_of_experts, num_ranks)
     ranks_of_experts = ranks_of_experts.to(x_TH.device)  # may live on the CPU: E ints
     T, K = ids_TK.shape
@@ -164,7 +175,7 @@ def dispatch(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
     E = ranks_of_experts.numel()
     device = x_TH.device
     ids_S = ids_TK.reshape(-1).contiguous()
-    send_splits, _ = _splits_and_checks(ids_S, ranks_of_experts, num_ranks)
+    send_splits, _ = _splits_and_checks(ids_S, ranks_of_experts, num_ranks, host_splits)
     # Number the experts rank-major; a grouping by that key (block_m = 1: no padding) is
     # the send order. Only E-sized glue here; the per-slot work runs in the kernels.
     order_E = torch.argsort(ranks_of_experts.long() * E + torch.arange(E, device=device))

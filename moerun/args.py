@@ -5,8 +5,9 @@ they need and pass the resulting dataclasses down, never the argparse ``Namespac
 
     ap = argparse.ArgumentParser(formatter_class=HelpFormatter)
     add_model_args(ap); add_layout_args(ap); add_engine_args(ap); add_sampling_args(ap)
+    add_eplb_args(ap)
     args = ap.parse_args(argv)
-    opts, par = model_options(args), parallel_config(args)
+    opts, par, eplb = model_options(args), parallel_config(args), eplb_options(args)
     ecfg, sp = engine_config(args), sampling_params(args)
 
 No torch here: a command that only validates or plans stays light.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 from .dtypes import RUN_DTYPES
-from .options import KERNEL_IMPLS, EngineConfig, ModelOptions, SamplingParams
+from .options import KERNEL_IMPLS, EngineConfig, EPLBOptions, ModelOptions, SamplingParams
 from .parallel import ParallelConfig
 
 AXES = (("tp", "tensor"), ("pp", "pipeline"), ("ep", "expert"), ("dp", "data"))
@@ -44,6 +45,9 @@ def add_layout_args(ap: argparse.ArgumentParser, default: int | None = 1, timeou
     g = ap.add_argument_group(title)
     for axis, what in AXES:
         g.add_argument(f"--{axis}", type=int, default=default, help=f"{what}-parallel degree")
+    g.add_argument("--redundant-experts", type=int, default=default and 0, metavar="R",
+                   help="physical experts beyond E per EP group, copies of hot experts (moerun.eplb; "
+                        "(E + R) %% ep == 0)")
     if timeout:
         g.add_argument("--timeout", type=float, default=180.0,
                        help="seconds a collective may wait before a dead peer becomes an error")
@@ -65,6 +69,22 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
                    help="write the profile's summary.json and trace.json (Perfetto) here; implies --profile")
 
 
+def add_eplb_args(ap: argparse.ArgumentParser, load_out: bool = True) -> None:
+    g = ap.add_argument_group("expert-parallel load balancing (moerun.eplb)")
+    g.add_argument("--eplb-load", metavar="FILE", default=None,
+                   help="place experts at start-up from this expert-load file (--expert-load-out, or a "
+                        "--profile-out summary.json)")
+    g.add_argument("--eplb-interval", type=int, metavar="N", default=None,
+                   help="re-plan the placement every N steps from the measured load and move expert weights")
+    g.add_argument("--eplb-window", type=int, metavar="N", default=None,
+                   help="steps of load a re-plan reads (default: the interval)")
+    g.add_argument("--gpus-per-node", type=int, default=None,
+                   help="ranks per node: hierarchical placement when EP spans nodes")
+    if load_out:
+        g.add_argument("--expert-load-out", metavar="FILE", default=None,
+                       help="write the run's token-slots per expert and layer here (a --eplb-load file)")
+
+
 def add_sampling_args(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=32)
@@ -84,7 +104,13 @@ def model_options(args) -> ModelOptions:
 
 
 def parallel_config(args) -> ParallelConfig:
-    return ParallelConfig(**{axis: getattr(args, axis) for axis, _ in AXES})
+    return ParallelConfig(**{axis: getattr(args, axis) for axis, _ in AXES},
+                          redundant_experts=getattr(args, "redundant_experts", None) or 0)
+
+
+def eplb_options(args) -> EPLBOptions:
+    return EPLBOptions(load_file=args.eplb_load, interval=args.eplb_interval, window=args.eplb_window,
+                       gpus_per_node=args.gpus_per_node, load_out=getattr(args, "expert_load_out", None))
 
 
 def engine_config(args) -> EngineConfig:

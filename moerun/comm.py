@@ -23,17 +23,23 @@ from __future__ import annotations
 
 import torch
 
+from . import eplb
 from .parallel import ParallelConfig
 
 
 class Comm:
-    """Single process: the identity for every collective."""
+    """Single process: the identity for every collective.
 
-    def __init__(self, par: ParallelConfig | None = None, rank: int = 0):
+    ``placement``: {global layer: physical slot -> logical expert} (``moerun.eplb``) for
+    the layers placed from a measured load; other layers take the default placement."""
+
+    def __init__(self, par: ParallelConfig | None = None, rank: int = 0,
+                 placement: dict[int, tuple[int, ...]] | None = None):
         self.par = par or ParallelConfig()
         c = self.par.coord(rank)
         self.tp_size, self.tp_rank = self.par.tp, c.tp
         self.ep_size, self.ep_rank = self.par.ep, c.ep_rank
+        self.placement = dict(placement or {})
 
     # ----------------------------------------------------------- shard ranges
     def q_heads(self, num_heads: int) -> range:
@@ -47,6 +53,13 @@ class Comm:
 
     def experts(self, num_experts: int) -> range:
         return self.par.experts_of(self.ep_rank, num_experts)
+
+    def physical_experts(self, layer: int, num_experts: int) -> tuple[int, ...]:
+        """Physical slot -> logical expert of MoE layer ``layer`` in this EP group: the
+        measured placement, else the contiguous split (R = 0) or the plan of a uniform load."""
+        if layer in self.placement:
+            return self.placement[layer]
+        return eplb.default_placement(num_experts, self.ep_size, self.par.redundant_experts)
 
     def vocab_rows(self, vocab_size: int) -> range:
         return self.par.vocab_rows_of(self.tp_rank, vocab_size)
@@ -75,8 +88,12 @@ class Comm:
         return send
 
     def ep_exchange_counts(self, send_counts: torch.Tensor) -> torch.Tensor:
-        """All-to-all of a small int tensor [ep, ...]: row r goes to EP rank r."""
+        """All-to-all of a small int tensor [ep, ...] on its device: row r goes to EP rank r."""
         return send_counts
+
+    def ep_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over the EP group (the expert load of a re-planning window)."""
+        return x
 
     def tp_all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate equal-sized pieces from every TP rank along the last dim."""

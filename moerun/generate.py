@@ -30,13 +30,14 @@ import time
 import torch.distributed as dist
 
 from . import args as cli_args
+from . import eplb
 from .engine import Engine, follow_leader
 from .engine.request import check_prompt
 from .entry import run_command
 from .mesh import gather_to_rank0, leader_decides
 from .profile.summary import build_summary, check_out_dir
 from .profile_report import publish
-from .runtime import Runtime
+from .runtime import Runtime, gather_expert_load
 from .serve.detok import TextStream
 from .tokenizer import load_tokenizer
 
@@ -56,6 +57,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", action="store_true", help="print JSON on stdout")
     cli_args.add_layout_args(ap)
     cli_args.add_engine_args(ap)
+    cli_args.add_eplb_args(ap)
     ap.add_argument("--stats", action="store_true", help="print steps, tokens/s, per-stage busy/wait, KV use")
     return ap
 
@@ -177,7 +179,8 @@ def _generate(args) -> int:
     if any(not s for s in args.stop):
         raise ValueError("--stop takes a non-empty text")
     t0 = time.perf_counter()
-    rt = Runtime.create(opts, par, args.timeout)
+    eo = cli_args.eplb_options(args)
+    rt = Runtime.create(opts, par, args.timeout, eo)
     tok = load_tokenizer(opts.model, rt.cfg, required=bool(args.prompt) or bool(args.stop))
     if args.stop and tok is None:
         raise ValueError("--stop needs a tokenizer and this checkpoint has no tokenizer.json")
@@ -202,6 +205,8 @@ def _generate(args) -> int:
         gather_to_rank0(rt.mesh, {rt.rank: list(worker.trace)})
         if ecfg.profile:
             gather_to_rank0(rt.mesh, {rt.rank: worker.profile_report()})
+        if eo.load_out is not None:
+            gather_expert_load(rt)
         dist.barrier(group=rt.mesh.ctrl)
         return 0
     engine = Engine(rt.model, ecfg, rt.mesh)
@@ -221,6 +226,9 @@ def _generate(args) -> int:
     if ecfg.profile:
         mine = {0: engine.worker.profile_report()}
         profiles = gather_to_rank0(rt.mesh, mine) if rt.mesh else mine
+    if eo.load_out is not None:
+        eplb.write_load(eo.load_out, rt.cfg, gather_expert_load(rt), model=opts.model)
+        log.info("wrote the expert load to %s", eo.load_out)
     n = sum(len(o) for o in outputs)
     log.info("generated %d tokens for %d prompt(s) in %.2fs (%.1f tokens/s, measured on %s)",
              n, len(prompts), dt, n / dt if dt else 0.0, where)
@@ -230,7 +238,7 @@ def _generate(args) -> int:
         workload = {"requests": len(prompts), "prompt_tokens": sum(len(p) for p, _ in prompts), "output_tokens": n}
         summary = build_summary(profiles, par=rt.par, model=opts.model,
                                 dtype=str(rt.model.dtype).removeprefix("torch."), workload=workload,
-                                wall_s=dt, ticks=engine.tick)
+                                wall_s=dt, ticks=engine.tick, placement=rt.model.comm.placement)
         publish(summary, profiles, args.profile_out)
     texts = texts or [tok.decode(o) if tok else None for o in outputs]
     if args.json:

@@ -123,8 +123,8 @@ def leader_decides(mesh: Mesh | None, fn):
 
 
 class DistComm(Comm):
-    def __init__(self, mesh: Mesh):
-        super().__init__(mesh.par, mesh.rank)
+    def __init__(self, mesh: Mesh, placement: dict[int, tuple[int, ...]] | None = None):
+        super().__init__(mesh.par, mesh.rank, placement)
         self.mesh = mesh
 
     # TP collectives: every rank of a TP group holds the same T, so T = 0 is skipped by all.
@@ -174,4 +174,9 @@ class DistComm(Comm):
         send = send_counts.to(self.mesh.device, torch.int64).contiguous()
         out = torch.empty_like(send)
         dist.all_to_all_single(out, send, group=self.mesh.ep_group)
-        return out.cpu()
+        return out
+
+    def ep_all_reduce(self, x):
+        if self.ep_size > 1:
+            dist.all_reduce(x, group=self.mesh.ep_group)
+        return x

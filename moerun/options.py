@@ -53,6 +53,30 @@ class EngineConfig:
             raise ValueError("engine: " + "; ".join(bad))
 
 
+@dataclass(frozen=True)
+class EPLBOptions:
+    """Expert-parallel load balancing (``moerun.eplb``); the redundant experts R are part
+    of the layout (``ParallelConfig.redundant_experts``)."""
+    load_file: str | None = None  # --eplb-load: place experts at start-up from this measured load
+    interval: int | None = None  # --eplb-interval: re-plan every N steps (None: never)
+    window: int | None = None  # --eplb-window: steps of load a re-plan reads (None: = interval)
+    gpus_per_node: int | None = None  # hierarchical placement when EP spans nodes
+    load_out: str | None = None  # --expert-load-out: write the run's expert load here
+
+    def __post_init__(self):
+        flags = {"interval": "--eplb-interval", "window": "--eplb-window", "gpus_per_node": "--gpus-per-node"}
+        bad = [f"{flag} must be >= 1, got {getattr(self, k)}"
+               for k, flag in flags.items() if getattr(self, k) is not None and getattr(self, k) < 1]
+        if self.window is not None and self.interval is None:
+            bad.append("--eplb-window needs --eplb-interval (it sizes the dynamic re-plan's window)")
+        if bad:
+            raise ValueError("eplb: " + "; ".join(bad))
+
+    @property
+    def counts_load(self) -> bool:
+        return self.interval is not None or self.load_out is not None
+
+
 MAX_LOGPROBS = 20  # top-N log probabilities a request may ask for (vLLM's default cap)
 
 

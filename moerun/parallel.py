@@ -13,13 +13,16 @@ Rank layout: the mesh is ("pp", "dp", "tp") with tp fastest, so
 stage's ``dp * tp`` ranks: its ``local = dp_idx * tp + tp_idx`` ranks are cut into
 ``dp * tp / ep`` consecutive EP groups of ``ep`` ranks; each group holds all experts once
 (EP rank r owns experts ``[r * E/ep, (r+1) * E/ep)``), so with ``ep < dp * tp`` every
-expert is replicated ``dp * tp / ep`` times per stage.
+expert is replicated ``dp * tp / ep`` times per stage. With ``redundant_experts`` R > 0 a
+group holds ``E + R`` physical experts (``moerun.eplb``: hot experts get copies), EP rank r
+the physical slots ``[r * (E+R)/ep, (r+1) * (E+R)/ep)``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from .config import ModelConfig
+from .eplb import redundant_problems
 
 
 class LayoutError(ValueError):
@@ -54,13 +57,15 @@ class ParallelConfig:
     pp: int = 1
     ep: int = 1
     dp: int = 1
+    redundant_experts: int = 0  # R: physical experts beyond E per EP group (moerun.eplb)
 
     @property
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp
 
     def __str__(self) -> str:
-        return f"TP{self.tp} EP{self.ep} PP{self.pp} DP{self.dp}"
+        r = f" R{self.redundant_experts}" if self.redundant_experts else ""
+        return f"TP{self.tp} EP{self.ep} PP{self.pp} DP{self.dp}{r}"
 
     # ------------------------------------------------------------------ rules
     def problems(self, model: ModelConfig, world_size: int | None = None) -> list[str]:
@@ -79,7 +84,9 @@ class ParallelConfig:
         if (dp * tp) % ep:
             p.append(f"expert parallelism: ep ({ep}) must divide a stage's dp*tp = {dp}*{tp} = {dp * tp} "
                      f"ranks (EP groups are carved out of one pipeline stage)")
-        if any(model.moe_layers) and model.num_experts % ep:
+        if any(model.moe_layers) and self.redundant_experts:
+            p += redundant_problems(model.num_experts, ep, self.redundant_experts)
+        elif any(model.moe_layers) and model.num_experts % ep:
             p.append(f"experts: num_experts ({model.num_experts}) must be divisible by ep ({ep})")
         if model.num_heads % tp:
             p.append(f"attention heads: num_heads ({model.num_heads}) must be divisible by tp ({tp})")
@@ -122,8 +129,9 @@ class ParallelConfig:
     # layers read them through their ``Comm``; the planner and ``moerun layout`` call them
     # directly.
     def experts_of(self, ep_rank: int, num_experts: int) -> range:
-        """Experts an EP rank holds: a contiguous 1/ep of them."""
-        n = num_experts // self.ep
+        """Physical expert slots an EP rank holds: a contiguous 1/ep of the E + R (with R = 0,
+        the experts themselves; ``moerun.eplb`` says which logical expert each slot holds)."""
+        n = (num_experts + self.redundant_experts) // self.ep
         return range(ep_rank * n, (ep_rank + 1) * n)
 
     def q_heads_of(self, tp_idx: int, num_heads: int) -> range:

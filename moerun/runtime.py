@@ -2,7 +2,13 @@
 
     rt = Runtime.create(ModelOptions(model="tiny"), ParallelConfig(tp=2, pp=2))   # under torchrun
     rt = Runtime.create(ModelOptions(model="/ckpt"))                             # one process
+    rt = Runtime.create(opts, ParallelConfig(ep=4, redundant_experts=4), eplb_opts=EPLBOptions(load_file="load.json"))
     rt.model, rt.mesh, rt.cfg, rt.is_leader
+
+With ``EPLBOptions`` the experts are placed from a measured load (``--eplb-load``: the
+plan of ``moerun.eplb``, computed on every rank alike before anything is built, so each
+rank reads only its physical experts), re-planned every N steps (``--eplb-interval``:
+``moerun.model.rebalance``), and/or counted for ``--expert-load-out``.
 
 The layout is validated against the model and the launched world before any process
 group exists. One process (no torchrun, a 1x1x1x1 layout) has no mesh and builds the
@@ -16,12 +22,15 @@ from dataclasses import dataclass
 
 import torch
 
-from . import kernels
+from . import eplb, kernels
 from .build import build_model, resolve_device, resolve_dtype
+from .comm import Comm
 from .config import ModelConfig
-from .mesh import DistComm, Mesh
+from .mesh import DistComm, Mesh, gather_to_rank0
 from .model import MoEModel
-from .options import ModelOptions
+from .model.moe import MoE
+from .model.rebalance import Rebalancer
+from .options import EPLBOptions, ModelOptions
 from .parallel import ParallelConfig, valid_layouts
 from .plan.cost import rank_params
 
@@ -82,25 +91,41 @@ class Runtime:
     mesh: Mesh | None  # None: one process
 
     @staticmethod
-    def create(opts: ModelOptions, par: ParallelConfig | None = None, timeout_s: float = 180.0) -> "Runtime":
-        par = par or ParallelConfig()
+    def create(opts: ModelOptions, par: ParallelConfig | None = None, timeout_s: float = 180.0,
+               eplb_opts: EPLBOptions | None = None) -> "Runtime":
+        par, eo = par or ParallelConfig(), eplb_opts or EPLBOptions()
         rank, world = launched_world()
         cfg = ModelConfig.load(opts.model)
         if world == 1 and par.world_size > 1:
             raise ValueError(f"layout {par} needs {par.world_size} processes; launch with "
                              f"torchrun --nproc_per_node={par.world_size} -m moerun.<command> ...")
         par.validate(cfg, world)  # before any process group
+        placement = None
+        if eo.load_file is not None:  # every rank plans alike from the same file
+            placement = eplb.plan(eplb.read_load(eo.load_file, cfg), par.ep, par.redundant_experts, eo.gpus_per_node)
+        elif eo.gpus_per_node is not None:
+            eplb.nodes_of(par.ep, eo.gpus_per_node)  # the rule, checked before start
         kernels.set_default_impl(opts.kernels)
         device = resolve_device(opts.device)
         check_memory(cfg, par, rank, resolve_dtype(opts.dtype, device), device)
         if world == 1:
-            model = build_model(opts.model, dtype=opts.dtype, device=opts.device, seed=opts.weights_seed, cfg=cfg,
-                                progress=True)
-            return Runtime(model, cfg, None)
+            model = build_model(opts.model, comm=Comm(par, 0, placement), dtype=opts.dtype, device=opts.device,
+                                seed=opts.weights_seed, cfg=cfg, progress=True)
+            return Runtime(model, cfg, None).with_eplb(eo)
         mesh = Mesh.create(par, timeout_s, str(resolve_device(opts.device)))
-        model = build_model(opts.model, comm=DistComm(mesh), layers=mesh.layers(cfg), dtype=opts.dtype,
+        model = build_model(opts.model, comm=DistComm(mesh, placement), layers=mesh.layers(cfg), dtype=opts.dtype,
                             device=mesh.device, seed=opts.weights_seed, cfg=cfg, progress=rank == 0)
-        return Runtime(model, cfg, mesh)
+        return Runtime(model, cfg, mesh).with_eplb(eo)
+
+    def with_eplb(self, eo: EPLBOptions) -> "Runtime":
+        """Dynamic re-planning (the worker steps ``model.rebalancer``) and load counting."""
+        if eo.interval is not None:
+            self.model.rebalancer = Rebalancer(self.model, eo.interval, eo.window, eo.gpus_per_node)
+        if eo.counts_load:
+            for m in self.model.modules():
+                if isinstance(m, MoE):
+                    m.count_load()
+        return self
 
     @property
     def rank(self) -> int:
@@ -113,4 +138,25 @@ class Runtime:
 
     @property
     def par(self) -> ParallelConfig:
-        return self.mesh.par if self.mesh else ParallelConfig()
+        return self.model.comm.par
+
+
+def measured_load(model) -> dict[int, list[int]]:
+    """{global layer: token-slots per logical expert} this rank's MoE layers routed since
+    ``count_load`` (``EPLBOptions.counts_load``)."""
+    return {m.layer: m.load_E.tolist() for m in model.modules() if isinstance(m, MoE) and m.load_E is not None}
+
+
+def gather_expert_load(rt: Runtime) -> dict[int, list[int]] | None:
+    """Every rank's ``measured_load`` summed on rank 0 (each rank routes its own tokens:
+    TP shares, DP replicas, PP stages' layers); None on the other ranks. Every rank calls it."""
+    mine = measured_load(rt.model)
+    parts = gather_to_rank0(rt.mesh, {rt.rank: mine}) if rt.mesh else {0: mine}
+    if parts is None:
+        return None
+    total: dict[int, list[int]] = {}
+    for part in parts.values():
+        for layer, row in part.items():
+            acc = total.setdefault(layer, [0] * len(row))
+            total[layer] = [a + b for a, b in zip(acc, row)]
+    return dict(sorted(total.items()))

@@ -5,7 +5,8 @@ compare with one process: every sampled token with its log probability and top-N
     torchrun --nproc_per_node=N tests/dist_worker.py MODEL TP PP EP DP SPEC_JSON OUT_JSON
 
 SPEC_JSON: {"prompts": [[ids]...], "max_new": [n...], "arrive": [tick...],
-            "engine": {EngineConfig fields}, "sampling": {SamplingParams fields}}
+            "engine": {EngineConfig fields}, "sampling": {SamplingParams fields},
+            "eplb": {"redundant_experts": R, EPLBOptions fields}}
 """
 import json
 import sys
@@ -14,7 +15,8 @@ import torch
 
 from moerun.engine import Engine, EngineConfig, follow_leader
 from moerun.mesh import gather_to_rank0
-from moerun.options import ModelOptions, SamplingParams
+from moerun.model.moe import MoE
+from moerun.options import EPLBOptions, ModelOptions, SamplingParams
 from moerun.parallel import ParallelConfig
 from moerun.runtime import Runtime
 
@@ -34,12 +36,25 @@ def run_staggered(engine, prompts, max_new, arrive, sampling) -> dict[int, list]
     return {i: events[rid] for i, rid in ids.items()}
 
 
+def eplb_state(model) -> dict:
+    """This rank's placements ({layer: physical -> logical}), rows its experts computed and
+    the dynamic re-planner's counts."""
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    rb = model.rebalancer
+    return {"phys": {m.layer: list(m.phys) for m in moes}, "rows": {m.layer: m.rows_received for m in moes},
+            "replans": rb.replans if rb else 0, "layers_moved": rb.layers_moved if rb else 0,
+            "bytes_moved": rb.bytes_moved if rb else 0}
+
+
 def main():
     model, tp, pp, ep, dp, spec, out = sys.argv[1:8]
-    par = ParallelConfig(tp=int(tp), pp=int(pp), ep=int(ep), dp=int(dp))
     spec = json.loads(spec)
+    eplb = dict(spec.get("eplb", {}))
+    par = ParallelConfig(tp=int(tp), pp=int(pp), ep=int(ep), dp=int(dp),
+                         redundant_experts=eplb.pop("redundant_experts", 0))
     prompts = spec["prompts"]
-    rt = Runtime.create(ModelOptions(model=model, dtype="float32", device="cpu"), par, timeout_s=60)
+    rt = Runtime.create(ModelOptions(model=model, dtype="float32", device="cpu"), par, timeout_s=60,
+                        eplb_opts=EPLBOptions(**eplb))
     ecfg = EngineConfig(**spec.get("engine", {}))
     read = gather_to_rank0(rt.mesh, {rt.rank: rt.model.load_report.bytes_read if rt.model.load_report else 0})
     if rt.is_leader:
@@ -49,13 +64,16 @@ def main():
         preemptions = engine.num_preemptions
         engine.shutdown()
         traces = gather_to_rank0(rt.mesh, {0: list(engine.worker.trace)})
+        placements = gather_to_rank0(rt.mesh, {0: eplb_state(rt.model)})
         with open(out, "w") as f:
             json.dump({"outputs": {i: [t for t, _, _ in e] for i, e in got.items()},
                        "logprobs": {i: [[lp, top] for _, lp, top in e] for i, e in got.items()},
-                       "preemptions": preemptions, "bytes_read": read, "traces": traces}, f)
+                       "preemptions": preemptions, "bytes_read": read, "traces": traces,
+                       "eplb": placements}, f)
     else:
         worker = follow_leader(rt.model, ecfg, rt.mesh)
         gather_to_rank0(rt.mesh, {rt.rank: list(worker.trace)})
+        gather_to_rank0(rt.mesh, {rt.rank: eplb_state(rt.model)})
     torch.distributed.destroy_process_group()
 
 

@@ -98,6 +98,8 @@ class StageWorker:
             elif self.is_sampler:
                 with prof.phase("sampling"):
                     out = self._sample(y, [s for s in steps if s.sample])
+            if self.model.rebalancer is not None:  # between steps, on every rank of the stage alike
+                self.model.rebalancer.step()
             busy = time.perf_counter() - t1
             self.trace.append((tick, self.stage, (tick - self.stage) % cycle, sum(lens), busy, wait))
             prof.note_step(tick, sum(lens))

@@ -65,6 +65,7 @@ class MoEModel(nn.Module):
         self.is_first = self.layer_ids.start == 0
         self.is_last = self.layer_ids.stop == cfg.num_layers
         self.dtype = dtype
+        self.rebalancer = None  # dynamic EPLB (moerun.model.rebalance), stepped by the worker
         H = cfg.hidden_size
         inv_freq, self.rope_attention_factor = rope_parameters(cfg, cfg.rotary_dim)  # float32, on the CPU
         self.register_buffer("rope_inv_freq", inv_freq.to(torch.get_default_device()), persistent=False)

@@ -4,6 +4,7 @@
     moerun plan --model tiny --hardware cpu --gpus 8 --tp 2 --pp 2 --ep 4 --dp 2 --json
     moerun plan --model seed-30b --hardware seed --gpus 16 --search --max-tpot-ms 50
     moerun plan --claims seed [--measured m.json] [--json]   # configs/claims/seed.toml
+    moerun plan --model tiny --hardware cpu --gpus 4 --ep 4 --dp 4 --redundant-experts 4 --expert-load load.json
 
 (``python -m moerun.plan.cli`` is the same command.) Exit codes: 0 valid (or a search /
 claims table printed), 2 invalid layout (every broken rule listed; with --json the object
@@ -21,9 +22,9 @@ from ..config import ModelConfig
 from ..dtypes import DTYPE_BYTES
 from ..parallel import ParallelConfig
 from .claims import ClaimsFile, check, load_measured
-from .format import format_claims, format_plan, format_search
+from .format import format_balance, format_claims, format_plan, format_search
 from .hardware import HardwareSpec
-from .planner import make_plan, search
+from .planner import expert_balance, make_plan, search
 from .strategy import Strategy, Workload
 
 
@@ -44,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     wl.add_argument("--prompt-len", type=int)
     wl.add_argument("--output-len", type=int)
     wl.add_argument("--dtype", choices=list(DTYPE_BYTES))
+    el = ap.add_argument_group("measured expert load (moerun.eplb)")
+    el.add_argument("--expert-load", metavar="FILE", help="an expert-load file (--expert-load-out, or a "
+                    "--profile-out summary.json): project the balance and step time from it")
+    el.add_argument("--eplb", action="store_true", help="with --expert-load: place experts by moerun.eplb "
+                    "(implied by --redundant-experts > 0)")
+    el.add_argument("--gpus-per-node", type=int, help="with --expert-load: hierarchical placement")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--search", action="store_true", help="rank every valid layout by projected throughput")
     ap.add_argument("--max-tpot-ms", type=float, help="with --search: keep layouts under this TPOT")
@@ -69,7 +76,7 @@ def resolve(args) -> tuple[ModelConfig, HardwareSpec, int, ParallelConfig, Workl
     if not gpus:
         raise ValueError(f"no GPU count: pass --gpus N (hardware {hw.name} is a device type, not a cluster)")
     layout = strat.layout if strat else ParallelConfig()
-    layout = dataclasses.replace(layout, **{a: getattr(args, a) for a in ("tp", "pp", "ep", "dp")
+    layout = dataclasses.replace(layout, **{a: getattr(args, a) for a in ("tp", "pp", "ep", "dp", "redundant_experts")
                                             if getattr(args, a) is not None})
     workload = strat.workload if strat else Workload()
     over = {k: getattr(args, k) for k in ("concurrency", "prompt_len", "output_len", "dtype")
@@ -114,11 +121,22 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(format_search(reps, args.top, model, hw, gpus, workload, args.max_tpot_ms))
             return 0
-        rep = make_plan(model, layout, hw, gpus, workload, args.micro_batches)
+        balance = None
+        if args.expert_load and not layout.problems(model, gpus):
+            balance = expert_balance(model, layout, args.expert_load, args.eplb, args.gpus_per_node)
+        elif args.eplb or args.gpus_per_node:
+            if not args.expert_load:
+                raise ValueError("--eplb and --gpus-per-node need --expert-load FILE (a measured load)")
+        rep = make_plan(model, layout, hw, gpus, workload, args.micro_batches, balance and balance["used"])
     except ValueError as e:  # a bad flag or file: the same exit code as every moerun command
         print(f"moerun plan: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(rep.to_json(), indent=1) if args.json else format_plan(rep))
+    if args.json:
+        print(json.dumps({**rep.to_json(), "expert_load": balance}, indent=1))
+    else:
+        print(format_plan(rep))
+        if balance is not None:
+            print(format_balance(balance))
     return 0 if rep.valid else 2
 
 

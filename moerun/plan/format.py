@@ -123,7 +123,8 @@ def format_plan(rep: PlanReport) -> str:
          f"(dispatch+combine, (ep-1)/ep leaves the rank); TP RS+AG {p.tp_bytes_per_layer / MB:.3f} MB "
          f"in {p.tp_s_per_layer * 1e6:.2f} us (ring, 2(tp-1)/tp)"),
         ("links used", ", ".join(links) or "none (one rank)"),
-        ("expert load (uniform routing)",
+        ("expert load (uniform routing)" if p.measured_balance is None else
+         f"expert load (measured balance {p.measured_balance:.1%} applied)",
          f"{p.ep_group_tokens:,.0f} tokens per EP group: mean {p.expert_load_mean:,.1f}, expected max "
          f"{p.expert_load_max:,.1f} assignments per expert-rank -> balance {p.load_balance:.1%}"),
         ("memory per GPU (weights + needed KV)",
@@ -190,3 +191,11 @@ def format_claims(cf: ClaimsFile, results: list[ClaimResult], measured_source: s
     lines.append("\nmetrics (what is projected and what a measurement must report):")
     lines += [f"  {k}: {m.meaning} [{m.unit}, {m.better} is better]" for k, m in METRICS.items()]
     return "\n".join(lines)
+
+
+def format_balance(b: dict) -> str:
+    """The ``moerun plan --expert-load`` lines: the measured load's balance per placement."""
+    def pct(x):
+        return "n/a" if x is None else f"{x:.1%}"
+    return (f"expert balance of {b['file']} (mean / max tokens per EP rank, mean over MoE layers; "
+            f"{b['label']}): contiguous {pct(b['contiguous_balance'])}, placed {pct(b['placed_balance'])}")

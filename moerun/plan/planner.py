@@ -21,6 +21,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from .. import eplb
 from ..config import ModelConfig
 from ..parallel import ParallelConfig, valid_layouts
 from . import cost
@@ -124,9 +125,12 @@ def rank_report(model: ModelConfig, par: ParallelConfig, hw: HardwareSpec, wl: W
 
 
 def make_plan(model: ModelConfig, par: ParallelConfig, hw: HardwareSpec, gpus: int,
-              workload: Workload, micro_batches: int | None = None) -> PlanReport:
+              workload: Workload, micro_batches: int | None = None,
+              measured_balance: float | None = None) -> PlanReport:
     """The full report: errors if the layout is invalid, else per-rank memory and a projection.
-    ``micro_batches``: None takes the workload's (0 there means one per stage)."""
+    ``micro_batches``: None takes the workload's (0 there means one per stage).
+    ``measured_balance``: mean / max tokens per EP rank of a measured expert load under this
+    layout's placement (``expert_balance``); None projects uniform routing."""
     m = micro_batches or workload.micro_batches or par.pp
     if m < 1:
         raise ValueError(f"micro_batches = {m} must be >= 1")
@@ -137,7 +141,24 @@ def make_plan(model: ModelConfig, par: ParallelConfig, hw: HardwareSpec, gpus: i
         return PlanReport(valid=False, errors=tuple(errors), **base)
     ranks = tuple(rank_report(model, par, hw, workload, r) for r in range(par.world_size))
     return PlanReport(valid=True, errors=(), per_rank=ranks,
-                      projection=project(model, par, hw, workload, m), **base)
+                      projection=project(model, par, hw, workload, m, measured_balance), **base)
+
+
+def expert_balance(model: ModelConfig, par: ParallelConfig, load_file: str, place: bool,
+                   gpus_per_node: int | None = None) -> dict:
+    """Balance of a measured expert-load file under ``par`` (mean over the MoE layers of
+    each layer's mean / max tokens per EP rank): contiguous, and placed by ``moerun.eplb``
+    (with ``par``'s redundant experts) when ``place`` or R > 0."""
+    load = eplb.read_load(load_file, model)
+    out = {"file": load_file, "contiguous_balance": eplb.layer_balance(load, None, par.ep)
+           if model.num_experts % par.ep == 0 else None, "placed_balance": None}
+    if place or par.redundant_experts:
+        placement = eplb.plan(load, par.ep, par.redundant_experts, gpus_per_node)
+        out["placed_balance"] = eplb.layer_balance(load, placement, par.ep)
+    out["used"] = out["placed_balance"] if out["placed_balance"] is not None else out["contiguous_balance"]
+    out["label"] = "projected from the measured load " + ("placed by moerun.eplb" if out["placed_balance"]
+                                                          is not None else "on the contiguous split")
+    return out
 
 
 def search(model: ModelConfig, hw: HardwareSpec, gpus: int, workload: Workload,

@@ -71,10 +71,12 @@ def links_of(par: ParallelConfig, hw: HardwareSpec, stage: int) -> Links:
 
 
 def stage_cost(model: ModelConfig, par: ParallelConfig, hw: HardwareSpec, wl: Workload,
-               stage: int, seqs: float, phase: str) -> StageCost:
+               stage: int, seqs: float, phase: str, measured_balance: float | None = None) -> StageCost:
     """Cost of ``stage`` on one micro-batch of ``seqs`` sequences per replica.
     ``phase`` = "decode" (one new token each, at the workload's mean decode context) or
-    "prefill" (the whole prompt of each)."""
+    "prefill" (the whole prompt of each). ``measured_balance``: mean / max tokens per EP
+    rank of a measured expert load (``moerun plan --expert-load``); the busiest rank's
+    expert work is then the larger of it and uniform routing's expected max."""
     assert phase in ("decode", "prefill")
     b, H, k = wl.dtype_bytes, model.hidden_size, model.top_k
     world = par.world_size
@@ -91,6 +93,8 @@ def stage_cost(model: ModelConfig, par: ParallelConfig, hw: HardwareSpec, wl: Wo
     group_tokens = T * par.ep / par.tp  # tokens routed inside one EP group
     mean, emax = cost.expert_load(group_tokens, k, model.num_experts, par.ep)
     imbalance = emax / mean if mean > 0 else 1.0
+    if measured_balance:
+        imbalance = max(imbalance, 1.0 / measured_balance)
     local = len(par.experts_of(0, model.num_experts))
     active = cost.expected_active_experts(local, model.num_experts, k, group_tokens)
     attn_mm = model.attn_matmul_params(q_heads, kv_heads)
@@ -171,20 +175,23 @@ class Projection:
     tp_s_per_layer: float  # its time on stage 0's TP links (latency included)
     ep_group_tokens: float  # tokens an EP group routes per decode micro-batch
     expert_load_mean: float
-    expert_load_max: float  # expected, uniform routing
+    expert_load_max: float  # expected, uniform routing (or the measured skew when worse)
     load_balance: float  # mean / expected max (1 = perfect)
     links: tuple[Links, ...]
+    measured_balance: float | None = None  # mean / max per EP rank of a measured load, when given
 
 
 def project(model: ModelConfig, par: ParallelConfig, hw: HardwareSpec, wl: Workload,
-            micro_batches: int) -> Projection:
-    """Roofline projection of a valid layout (call only after ParallelConfig.problems is empty)."""
+            micro_batches: int, measured_balance: float | None = None) -> Projection:
+    """Roofline projection of a valid layout (call only after ParallelConfig.problems is empty).
+    ``measured_balance``: see ``stage_cost``."""
     seqs = math.ceil(wl.concurrency / par.dp)
     m_eff = min(micro_batches, seqs)
     per_mb = math.ceil(seqs / m_eff)
-    decode = tuple(stage_cost(model, par, hw, wl, s, per_mb, "decode") for s in range(par.pp))
-    prefill = tuple(stage_cost(model, par, hw, wl, s, per_mb, "prefill") for s in range(par.pp))
-    single = [stage_cost(model, par, hw, wl, s, 1, "prefill") for s in range(par.pp)]
+    mb = measured_balance
+    decode = tuple(stage_cost(model, par, hw, wl, s, per_mb, "decode", mb) for s in range(par.pp))
+    prefill = tuple(stage_cost(model, par, hw, wl, s, per_mb, "prefill", mb) for s in range(par.pp))
+    single = [stage_cost(model, par, hw, wl, s, 1, "prefill", mb) for s in range(par.pp)]
     tick = max(c.time_s for c in decode)
     tpot = cost.decode_round_ticks(par.pp, m_eff) * tick
     comm = sum(c.comm_s for c in decode)
@@ -199,6 +206,8 @@ def project(model: ModelConfig, par: ParallelConfig, hw: HardwareSpec, wl: Workl
     tp_ar = cost.ring_all_reduce_bytes(per_mb, model.hidden_size, wl.dtype_bytes, par.tp)
     links0, lat = links_of(par, hw, 0), hw.collective_latency_us * 1e-6
     mean, emax = cost.expert_load(group_tokens, model.top_k, model.num_experts, par.ep)
+    if mb and mean > 0:
+        emax = max(emax, mean / mb)
     return Projection(
         label=f"projected (roofline on {hw.name})",
         seqs_per_replica=seqs, micro_batches=m_eff, seqs_per_micro_batch=per_mb,
@@ -219,6 +228,7 @@ def project(model: ModelConfig, par: ParallelConfig, hw: HardwareSpec, wl: Workl
         a2a_s_per_layer=cost.transfer_time(a2a, hw.link_bandwidth(links0.ep_inter), 2, lat) if par.ep > 1 else 0.0,
         tp_s_per_layer=cost.transfer_time(tp_ar, hw.link_bandwidth(links0.tp_inter), 2, lat) if par.tp > 1 else 0.0,
         ep_group_tokens=group_tokens, expert_load_mean=mean, expert_load_max=emax,
+        measured_balance=mb,
         load_balance=mean / emax if emax > 0 else 1.0,
         links=tuple(links_of(par, hw, s) for s in range(par.pp)),
     )

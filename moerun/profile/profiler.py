@@ -10,6 +10,7 @@ No globals: two profilers in one process never share state.
     with prof.phase("attention"):                    # a name of moerun.plan.metrics.PHASES
         ...
     prof.count_experts(layer, ids_tK, num_experts)   # the router's choices
+    prof.count_rows(layer, rows)                     # EP: rows this rank's experts computed
     prof.note_step(tick, tokens)                     # the worker ran tick ``tick``
     prof.step_end()                                  # one record in prof.steps
     prof.report(weights_bytes=..., kv_cache_bytes=...)   # plain data, for moerun.profile.summary
@@ -109,6 +110,9 @@ class NullProfiler:
     def note_activation(self, *tensors: torch.Tensor) -> None:
         pass
 
+    def count_rows(self, layer: int, rows: int) -> None:
+        pass
+
     def step_begin(self) -> None:
         pass
 
@@ -160,6 +164,7 @@ class Profiler:
         self._num_experts: int | None = None
         self._expert_acc: torch.Tensor | None = None  # [layers seen so far, E] int64 on device, by global layer
         self._layers_seen: set[int] = set()
+        self._ep_rows: dict[int, int] = {}  # global layer -> rows this rank's experts computed (EP)
         self._offsets: dict[tuple, torch.Tensor] = {}  # (layers, ids shape) -> [L, 1, 1] row offsets l*E
         self._act_bytes = 0
         self._requests: dict[int, list] = {}  # leader: rid -> [arrival, first token, last token, tokens]
@@ -278,6 +283,12 @@ class Profiler:
         acc = self._expert_acc.tolist() if self._expert_acc is not None else []
         return {layer: acc[layer] for layer in sorted(self._layers_seen)}
 
+    def count_rows(self, layer: int, rows: int) -> None:
+        """Rows (token-slots) the EP all-to-all brought to this rank's experts in global
+        layer ``layer``: the measured load of this EP rank, replicas included (a host int,
+        known after the count exchange: no sync)."""
+        self._ep_rows[layer] = self._ep_rows.get(layer, 0) + rows
+
     # -------------------------------------------------------------- memory
     def note_activation(self, *tensors: torch.Tensor) -> None:
         """Tensors live at the same moment (CPU estimate; CUDA reads the allocator)."""
@@ -321,6 +332,7 @@ class Profiler:
             "phase_calls": self.phase_calls, "count_calls": self.count_calls, "note_calls": self.note_calls,
             "bookkeeping_s": self.bookkeeping_s,
             "experts": self._expert_counts(),
+            "ep_rows": dict(sorted(self._ep_rows.items())),
             "memory": {"weights_bytes": weights_bytes, "kv_cache_bytes": kv_cache_bytes,
                        "peak_activation_bytes": peak_act,
                        "peak_total_bytes": weights_bytes + kv_cache_bytes + peak_act},

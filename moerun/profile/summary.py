@@ -17,6 +17,7 @@ import json
 import os
 import re
 
+from .. import eplb
 from ..parallel import ParallelConfig
 from ..plan import metrics as M
 
@@ -60,10 +61,14 @@ def request_times(leader: dict) -> dict[str, list]:
     return out
 
 
-def expert_load(reports: dict, par: ParallelConfig) -> dict:
+def expert_load(reports: dict, par: ParallelConfig, placement: dict | None = None) -> dict:
     """Token-slots per expert of every MoE layer (summed over the ranks that route its
     tokens), and per EP rank over the run: EP rank r receives the slots of experts
-    ``par.experts_of(r, E)``, summed over the layers and the EP groups."""
+    ``par.experts_of(r, E)``, summed over the layers and the EP groups. With redundant
+    experts or a measured ``placement`` ({layer: physical slot -> logical expert}), an
+    expert's slots count evenly on the ranks of its replicas (``moerun.eplb``). Under EP the
+    ranks count the rows their experts computed (``Profiler.count_rows``): then
+    ``per_ep_rank`` is that measured count (equal to the above for R = 0)."""
     layers: dict[int, list[int]] = {}
     for rep in reports.values():
         for layer, counts in rep["experts"].items():
@@ -71,7 +76,17 @@ def expert_load(reports: dict, par: ParallelConfig) -> dict:
             layers[int(layer)] = [a + c for a, c in zip(acc, counts)]
     per_layer = [layers[k] for k in sorted(layers)]
     E = len(per_layer[0]) if per_layer else 0
-    per_ep = [sum(c[e] for c in per_layer for e in par.experts_of(r, E)) for r in range(par.ep)] if E else []
+    if E and (placement or par.redundant_experts):
+        phys = {k: (placement or {}).get(k) or eplb.default_placement(E, par.ep, par.redundant_experts)
+                for k in layers}
+        per_ep = eplb.summed_rank_loads(layers, phys, par.ep)
+    else:
+        per_ep = [sum(c[e] for c in per_layer for e in par.experts_of(r, E)) for r in range(par.ep)] if E else []
+    if par.ep > 1 and any(rep.get("ep_rows") for rep in reports.values()):
+        measured = [0] * par.ep
+        for rep in reports.values():
+            measured[rep["coord"]["ep"]] += sum(rep.get("ep_rows", {}).values())
+        per_ep = measured
     return {"per_layer": per_layer, "per_ep_rank": per_ep}
 
 
@@ -100,7 +115,7 @@ def check_out_dir(path: str) -> None:
 
 
 def build_summary(reports: dict, *, par: ParallelConfig, model: str, dtype: str, workload: dict,
-                  wall_s: float, ticks: int) -> dict:
+                  wall_s: float, ticks: int, placement: dict | None = None) -> dict:
     """``reports``: rank -> ``Profiler.report()``; rank 0 is the leader (request timings).
     ``workload``: {"requests", "prompt_tokens", "output_tokens"}; ``wall_s``: the
     leader's Engine.generate."""
@@ -114,7 +129,7 @@ def build_summary(reports: dict, *, par: ParallelConfig, model: str, dtype: str,
     compute = {r: sum(phases[str(r)][p] for p in M.COMPUTE_PHASES) for r in ranks}
     walls = {r: phases[str(r)]["wall"] for r in ranks}
     reqs = request_times(reports[0])
-    load = expert_load(reports, par)
+    load = expert_load(reports, par, placement)
     memory = {str(r): reports[r]["memory"] for r in ranks}
     per_expert = [sum(col) for col in zip(*load["per_layer"])]
     metrics = {

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 
 from .. import args as cli_args
+from .. import eplb
 from ..build import resolve_device, resolve_dtype
 from ..config import ModelConfig
 from ..engine import Engine, follow_leader
@@ -34,7 +35,7 @@ from ..entry import run_command, setup_logging
 from ..mesh import gather_to_rank0
 from ..profile.summary import build_summary, check_out_dir
 from ..profile_report import publish
-from ..runtime import Runtime, launched_world
+from ..runtime import Runtime, gather_expert_load, launched_world
 from ..tokenizer import load_tokenizer
 from .app import ServerSettings, ServerState, build_app
 from .chat import load_chat_template
@@ -50,6 +51,7 @@ def parser() -> argparse.ArgumentParser:
     cli_args.add_model_args(ap)
     cli_args.add_layout_args(ap)
     cli_args.add_engine_args(ap)
+    cli_args.add_eplb_args(ap)
     g = ap.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (rank 0)")
     g.add_argument("--port", type=int, default=8000)
@@ -92,10 +94,12 @@ def _serve(args) -> int:
     if rank != 0:  # followers: the leader decides when to stop
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)
-        rt = Runtime.create(opts, par, args.timeout)
+        rt = Runtime.create(opts, par, args.timeout, cli_args.eplb_options(args))
         worker = follow_leader(rt.model, ecfg, rt.mesh)
         if ecfg.profile:  # the leader gathers every rank's profile after the drain
             gather_to_rank0(rt.mesh, {rt.rank: worker.profile_report()})
+        if args.expert_load_out is not None:
+            gather_expert_load(rt)
         return 0
     device = resolve_device(opts.device)
     http = HttpSpec(served_model_name=args.served_model_name or opts.model, max_waiting=args.max_waiting,
@@ -135,7 +139,7 @@ def _lead(args, opts, par, ecfg, conn, proc) -> int:
         signal.signal(sig, on_signal)
 
     t0 = time.perf_counter()
-    rt = Runtime.create(opts, par, args.timeout)
+    rt = Runtime.create(opts, par, args.timeout, cli_args.eplb_options(args))
     engine = Engine(rt.model, ecfg, rt.mesh)
     cache_tokens = engine.num_blocks * ecfg.block_size
     max_len = args.max_model_len or min(rt.cfg.max_position_embeddings, cache_tokens)
@@ -158,6 +162,9 @@ def _lead(args, opts, par, ecfg, conn, proc) -> int:
     engine.shutdown()
     if ecfg.profile:
         write_server_profile(args, opts, rt, engine, loop, time.perf_counter() - t_serve)
+    if args.expert_load_out is not None:  # the whole run's expert load, every rank's summed
+        eplb.write_load(args.expert_load_out, rt.cfg, gather_expert_load(rt), model=opts.model)
+        log.info("wrote the expert load to %s", args.expert_load_out)
     return 0
 
 
@@ -168,7 +175,8 @@ def write_server_profile(args, opts, rt, engine, loop: EngineLoop, wall_s: float
     reports = gather_to_rank0(rt.mesh, mine) if rt.mesh else mine
     workload = {"requests": loop.num_requests, "prompt_tokens": loop.prompt_tokens, "output_tokens": loop.output_tokens}
     summary = build_summary(reports, par=rt.par, model=opts.model, dtype=str(rt.model.dtype).removeprefix("torch."),
-                            workload=workload, wall_s=wall_s, ticks=engine.tick)
+                            workload=workload, wall_s=wall_s, ticks=engine.tick,
+                            placement=rt.model.comm.placement)
     publish(summary, reports, args.profile_out)
 
 
