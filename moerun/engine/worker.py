@@ -6,8 +6,9 @@ hidden states with an ``irecv`` posted at the end of the previous tick, computes
 its output on with ``isend`` and posts the ``irecv`` for the next tick before the tick's
 control collectives, so transfers overlap compute and never wait on a sender. The last
 stage samples (TP rank 0 only) and returns the tokens (with log probabilities for the
-requests that ask). ``trace`` keeps the last ``TRACE_TICKS`` ticks (a ring buffer: a
-server runs for ever).
+requests that ask), batched on the device with one copy of the tokens to the host; a
+decode step replays a CUDA graph when the engine captured them (``graphs.py``).
+``trace`` keeps the last ``TRACE_TICKS`` ticks (a ring buffer: a server runs for ever).
 
 The worker owns the rank's profiler ``prof`` (``moerun.profile``; the do-nothing
 ``NULL_PROFILER`` unless built with ``profile=True``): it times the pipeline transfers and
