@@ -60,7 +60,8 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--micro-batches", type=int, default=d.micro_batches,
                    help="micro-batches per replica (default: pp)")
     g.add_argument("--enforce-eager", action="store_true",
-                   help="no CUDA graphs: every step runs eagerly (graphs are off on CPU, under EP > 1 and with --profile)")
+                   help="no CUDA graphs: every step runs eagerly (graphs are off on CPU, under EP > 1 and "
+                        "with --profile)")
     g.add_argument("--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs,
                    help="largest decode batch replayed from a CUDA graph (buckets 1, 2, 4, ... up to it)")
     g.add_argument("--profile", action="store_true",

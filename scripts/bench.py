@@ -584,7 +584,7 @@ def decode(args) -> dict:
            ("--enforce-eager" if cuda else "not measured: no CUDA device (graphs need CUDA)")}
     outs = {}
     for mode in modes:
-        engine = Engine(model, EngineConfig(max_batch_tokens=4096, enforce_eager=mode == "eager",
+        engine = Engine(model, EngineConfig(max_batch_tokens=4096, kv_cache_gb=1, enforce_eager=mode == "eager",
                                             cuda_graph_max_bs=max(DECODE_BATCHES)))
         if mode == "graphs" and engine.worker.graphs is None:
             res["graphs_note"] = "capture failed (see the log); not measured"
@@ -594,6 +594,7 @@ def decode(args) -> dict:
             outs[mode, B] = toks
             res["rows"].append({"mode": mode, "batch": B, "step_ms": 1e3 * statistics.median(secs),
                                 "steps": len(secs)})
+        del engine  # its KV cache goes before the next mode's engine takes one
     for r in res["rows"]:
         if r["mode"] == "graphs":
             e = next(x for x in res["rows"] if x["mode"] == "eager" and x["batch"] == r["batch"])
@@ -603,7 +604,8 @@ def decode(args) -> dict:
 
 
 def print_decode(res: dict) -> None:
-    print(f"\n== 5. Decode step, {MODEL} preset, one process, {res['dtype']}: Engine.step wall time in steady decode ==")
+    print(f"\n== 5. Decode step, {MODEL} preset, one process, {res['dtype']}: "
+          "Engine.step wall time in steady decode ==")
     print(f"   measured ({res['device']}); median of 20 steps after 3 warm-up steps; prompts of 16 tokens, greedy")
     rows = [[r["mode"], r["batch"], f"{r['step_ms']:.2f}", f"{r['speedup']:.2f}x" if "speedup" in r else "",
              f"{r['same_tokens']}/{r['batch']}" if "same_tokens" in r else ""] for r in res["rows"]]
