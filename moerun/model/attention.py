@@ -1,7 +1,9 @@
 """Grouped-query attention with heads split over TP, q/k norms, RoPE and a KV cache.
 
 ``AttnMeta`` describes one forward: the new tokens of B sequences concatenated into T
-rows. Queries are scattered into a padded ``[B, Nq, ...]`` block so one
+rows. Its tensors are views of one int64 buffer that reached the device in one
+non-blocking copy (``AttnMeta.build``); the mask is built on the device from
+``starts_B`` and ``lens_B``. Queries are scattered into a padded ``[B, Nq, ...]`` block so one
 ``scaled_dot_product_attention`` call per layer serves prefill, decode and any mix.
 
 Shape legend: T = new tokens, B = sequences, P = blocks per block table, Nq = most new
