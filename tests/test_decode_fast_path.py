@@ -5,7 +5,9 @@ bucket choice, the flags, and on a GPU graph replay equal to eager."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from moerun.engine.graphs import GraphRunner, bucket_for, buckets, graphs_off_re
 from moerun.kvcache import KVCache
 from moerun.model import AttnMeta
 from moerun.options import SamplingParams
+from moerun.sampling import make_generator, sample_tokens
 
 from dist_worker import run_staggered
 
@@ -210,7 +213,40 @@ def test_engine_with_padded_buckets_equals_eager_engine(mixtral):
     assert any(k < n for n, k in calls)  # a one-token prompt chunk beside decodes: not sampled
 
 
+def test_bench_decode_section_measures_eager_and_says_why_not_graphs(monkeypatch):
+    """``scripts/bench.py --section decode``: real step times, the graph row only where
+    CUDA is; here (or with --enforce-eager) the reason it is missing."""
+    spec = importlib.util.spec_from_file_location("bench_decode", Path(__file__).parents[1] / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "DECODE_BATCHES", (1, 3))
+    args = bench.parse_args(["--section", "decode", "--enforce-eager"])
+    res = bench.decode(args)
+    assert [(r["mode"], r["batch"], r["steps"]) for r in res["rows"]] == [("eager", 1, 20), ("eager", 3, 20)]
+    assert all(r["step_ms"] > 0 for r in res["rows"]) and res["modes"] == ["eager"]
+    assert res["graphs_note"] == ("--enforce-eager" if torch.cuda.is_available() else
+                                  "not measured: no CUDA device (graphs need CUDA)")
+
+
 # ------------------------------------------------------------ on a GPU
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_step_metadata_and_sampling_do_not_wait_for_the_device():
+    logits = torch.randn(4, 300, device="cuda")
+    params = [SamplingParams(), SamplingParams(temperature=0.7, top_k=20, seed=1),
+              SamplingParams(temperature=1.0, top_p=0.8, seed=2), SamplingParams(temperature=0.5, seed=3)]
+    gens = [None] + [make_generator(p, i, "cuda") for i, p in enumerate(params[1:])]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing call raises
+    try:
+        meta = AttnMeta.build([[3, 1], [2]], [17, 4], [1, 1], 16, "cuda", ids=[5, 6], rows=[0, 1])
+        meta.mask(0)
+        meta.mask(4)
+        toks = sample_tokens(logits, params, gens)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert meta.slot_T.tolist() == [1 * 16 + 1, 2 * 16 + 4] and toks.shape == (4,)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_replay_equals_eager():
     model = build_model("tiny", device="cuda", dtype="float32")
