@@ -63,6 +63,11 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV cache block")
     g.add_argument("--micro-batches", type=int, default=d.micro_batches,
                    help="micro-batches per replica (default: pp)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs: every step runs eagerly (graphs are off on CPU, under EP > 1 and "
+                        "with --profile)")
+    g.add_argument("--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs,
+                   help="largest decode batch replayed from a CUDA graph (buckets 1, 2, 4, ... up to it)")
     g.add_argument("--profile", action="store_true",
                    help="profile every rank: phase times per step, expert load, memory (see moerun.profile)")
     g.add_argument("--profile-out", metavar="DIR", default=None,
@@ -116,7 +121,8 @@ def eplb_options(args) -> EPLBOptions:
 def engine_config(args) -> EngineConfig:
     return EngineConfig(max_batch_tokens=args.max_batch_tokens, kv_cache_gb=args.kv_cache_gb,
                         block_size=args.block_size, micro_batches=args.micro_batches,
-                        profile=args.profile or args.profile_out is not None)
+                        profile=args.profile or args.profile_out is not None, enforce_eager=args.enforce_eager,
+                        cuda_graph_max_bs=args.cuda_graph_max_bs)
 
 
 def sampling_params(args, max_new_tokens: int | None = None) -> SamplingParams:

@@ -8,6 +8,9 @@ tables into flat slot indices, so attention writes and reads through them.
     cache = KVCache.for_model(model, num_blocks=1024, block_size=16)
     KVCache.block_bytes(model, block_size)      # one block's bytes on this rank: how many fit
 
+Blocks ``0 .. num_blocks - 1`` are the scheduler's; one more, ``scratch_block``, belongs to
+no sequence: the padding rows of a CUDA-graph batch (``moerun.engine.graphs``) write there.
+
 Shape legend: B = sequences, P = blocks of one sequence's table, N = KV heads, D = head dim.
 """
 from __future__ import annotations
@@ -18,10 +21,11 @@ import torch
 class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype=torch.float32, device="cpu"):
-        shape = (num_blocks, block_size, kv_heads, head_dim)
+        shape = (num_blocks + 1, block_size, kv_heads, head_dim)  # + the scratch block
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.scratch_block = num_blocks  # written by padding rows, read by no sequence
 
     @staticmethod
     def block_bytes(model, block_size: int) -> int:

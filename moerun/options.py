@@ -3,7 +3,7 @@ and how one request samples. Frozen dataclasses, no torch, so the command lines
 (``moerun.args``), the planner and the tests build them without loading anything.
 
     opts = ModelOptions(model="tiny", dtype=None, device=None, weights_seed=0, kernels="auto")
-    ecfg = EngineConfig(max_batch_tokens=2048, block_size=16)
+    ecfg = EngineConfig(max_batch_tokens=2048, block_size=16, cuda_graph_max_bs=32)
     sp = SamplingParams(max_new_tokens=32, temperature=0.8, top_p=0.9, seed=7, logprobs=5)
 
 Each checks its own values: a bad value is a ``ValueError`` that names the field.
@@ -41,10 +41,15 @@ class EngineConfig:
     micro_batches: int | None = None  # per DP replica; None: = PP
     num_blocks: int | None = None  # overrides kv_cache_gb (tests)
     profile: bool = False  # every rank's worker runs a moerun.profile.Profiler (--profile)
+    enforce_eager: bool = False  # no CUDA graphs (--enforce-eager)
+    cuda_graph_max_bs: int = 32  # the largest decode batch replayed from a CUDA graph
 
     def __post_init__(self):
         bad = [f"{k} must be >= 1, got {getattr(self, k)}" for k in ("max_batch_tokens", "block_size")
                if getattr(self, k) < 1]
+        if not isinstance(self.cuda_graph_max_bs, int) or self.cuda_graph_max_bs < 1:
+            bad.append(f"cuda_graph_max_bs must be an integer >= 1, got {self.cuda_graph_max_bs!r} "
+                       "(--cuda-graph-max-bs; --enforce-eager turns CUDA graphs off)")
         bad += [f"{k} must be >= 1, got {getattr(self, k)}" for k in ("micro_batches", "num_blocks")
                 if getattr(self, k) is not None and getattr(self, k) < 1]
         if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:

@@ -7,6 +7,8 @@
     python scripts/bench.py --strategy auto --hardware h100-sxm --gpus 16
     moerun plan --claims seed --measured out.json       # the JSON reads back as measured values
     python scripts/bench.py --section peers             # DeepSpeed's MoE layer beside moerun's (pip install -e ".[deepspeed]")
+    python scripts/bench.py --section decode            # one decode step: eager vs CUDA graphs (on a GPU)
+    python scripts/bench.py --section decode --enforce-eager   # the same, eager only
 
 1. ``offline``: moerun's offline throughput beside transformers on the same weights, one
    process, the ``tiny`` preset (random weights from --seed). The preset is saved with
@@ -38,6 +40,12 @@
      calibrated with the measured compute where the measurement stands for it;
    and one table gives, for each of the note's six metrics, the claim, the measured and the
    projected figure (each labelled) and the claims checker's verdict.
+
+5. ``decode`` (asked for by name): the wall time of one ``Engine.step`` in steady decode
+   (every request past its prompt, greedy, ignore EOS), the ``tiny`` preset on the GPU when
+   there is one (bfloat16) else the CPU (float32), at batch sizes 1, 8 and 32 (prompts of
+   16 tokens): eager (``--enforce-eager``) and, on CUDA, replayed from CUDA graphs, with the
+   speed-up and whether both gave the same tokens. Median of 20 steps after 3 warm-up steps.
 
 Sections 1 and 2 measure on the CPU named in the header; section 3 labels every figure
 measured (device), projected (model) or calibrated. A failed run is printed, the rest
@@ -648,15 +656,81 @@ def plot_rows(rows, title: str, path: Path) -> None:
     plt.close(fig)
 
 
+# ------------------------------------------------------- 5. decode step
+DECODE_BATCHES = (1, 8, 32)
+
+
+def decode_steps(engine, prompts, warm: int, timed: int) -> tuple[list[float], list[list[int]]]:
+    """Seconds of each of ``timed`` decode steps of ``prompts`` together, after the prefill
+    and ``warm`` decode steps; and the generated tokens."""
+    sp = SamplingParams(max_new_tokens=warm + timed + 1, ignore_eos=True)
+    ids = [engine.add_request(p, sp) for p in prompts]
+    out = {i: [] for i in ids}
+    secs = []
+    step = 0
+    while engine.has_unfinished():
+        t0 = time.perf_counter()
+        events = engine.step()  # ends with the sampled tokens on the host: the device is done
+        dt = time.perf_counter() - t0
+        if step > warm and len(secs) < timed:  # step 0 is the prefill
+            secs.append(dt)
+        for ev in events:
+            if ev.token is not None:
+                out[ev.req_id].append(ev.token)
+        step += 1
+    return secs, [out[i] for i in ids]
+
+
+def decode(args) -> dict:
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    model = build_model(MODEL, device=device, seed=args.seed)
+    modes = ["eager"] + (["graphs"] if cuda and not args.enforce_eager else [])
+    res = {"device": torch.cuda.get_device_name() if cuda else cpu_model(), "dtype": str(model.dtype).split(".")[-1],
+           "modes": modes, "rows": [],
+           "graphs_note": None if "graphs" in modes else
+           ("--enforce-eager" if cuda else "not measured: no CUDA device (graphs need CUDA)")}
+    outs = {}
+    for mode in modes:
+        engine = Engine(model, EngineConfig(max_batch_tokens=4096, kv_cache_gb=1, enforce_eager=mode == "eager",
+                                            cuda_graph_max_bs=max(DECODE_BATCHES)))
+        if mode == "graphs" and engine.worker.graphs is None:
+            res["graphs_note"] = "capture failed (see the log); not measured"
+            break
+        for B in DECODE_BATCHES:
+            secs, toks = decode_steps(engine, make_prompts(B, args.seed + 3, 16, 16), warm=3, timed=20)
+            outs[mode, B] = toks
+            res["rows"].append({"mode": mode, "batch": B, "step_ms": 1e3 * statistics.median(secs),
+                                "steps": len(secs)})
+        del engine  # its KV cache goes before the next mode's engine takes one
+    for r in res["rows"]:
+        if r["mode"] == "graphs":
+            e = next(x for x in res["rows"] if x["mode"] == "eager" and x["batch"] == r["batch"])
+            r["speedup"] = e["step_ms"] / r["step_ms"]
+            r["same_tokens"] = sum(a == b for a, b in zip(outs["graphs", r["batch"]], outs["eager", r["batch"]]))
+    return res
+
+
+def print_decode(res: dict) -> None:
+    print(f"\n== 5. Decode step, {MODEL} preset, one process, {res['dtype']}: "
+          "Engine.step wall time in steady decode ==")
+    print(f"   measured ({res['device']}); median of 20 steps after 3 warm-up steps; prompts of 16 tokens, greedy")
+    rows = [[r["mode"], r["batch"], f"{r['step_ms']:.2f}", f"{r['speedup']:.2f}x" if "speedup" in r else "",
+             f"{r['same_tokens']}/{r['batch']}" if "same_tokens" in r else ""] for r in res["rows"]]
+    print(table(["mode", "batch", "step ms", "eager / graphs", "same tokens as eager"], rows))
+    if res["graphs_note"]:
+        print(f"CUDA graphs: {res['graphs_note']}")
+
+
 # ------------------------------------------------------------------ main
-SECTIONS = ("offline", "pipeline", "strategy", "peers")
-DEFAULT_SECTIONS = ("offline", "pipeline", "strategy")  # peers needs DeepSpeed: asked for by name
+SECTIONS = ("offline", "pipeline", "strategy", "peers", "decode")
+DEFAULT_SECTIONS = ("offline", "pipeline", "strategy")  # peers needs DeepSpeed, decode a GPU: asked for by name
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--section", action="append", choices=SECTIONS,
-                    help="run this section (repeatable; default: offline, pipeline and strategy, or only strategy with --strategy; peers (DeepSpeed beside moerun) when asked)")
+                    help="run this section (repeatable; default: offline, pipeline and strategy, or only strategy with --strategy; peers (DeepSpeed beside moerun) and decode (eager vs CUDA graphs) when asked)")
     ap.add_argument("--strategy", help="preset in configs/strategies/, a .toml path, or auto (the planner's "
                                        "best valid layout by projected throughput); default for the strategy "
                                        "section: optimized")
@@ -669,6 +743,7 @@ def parse_args(argv=None):
                                                   "moerun plan --claims seed --measured OUT")
     ap.add_argument("--plot", metavar="DIR", help="strategy section: write DIR/<strategy>.png (claimed vs "
                                                   "measured vs projected per metric)")
+    ap.add_argument("--enforce-eager", action="store_true", help="decode section: eager only, no CUDA graph runs")
     ap.add_argument("--seed", type=int, default=0, help="weights and prompts")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per torchrun run")
     ap.add_argument("--vllm-python", metavar="PATH",
@@ -730,6 +805,14 @@ def main(argv=None) -> int:
     if "peers" in args.sections:
         report["peers"] = peers(args, model)
         failed += [r for part in report["peers"].values() for r in part if "error" in r]
+    if "decode" in args.sections:
+        try:
+            report["decode"] = decode(args)
+            print_decode(report["decode"])
+        except Exception as e:  # keep going; exit 1 at the end
+            report["decode"] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"\nERROR decode step: {report['decode']['error']}")
+            failed.append(report["decode"])
     elapsed = time.perf_counter() - t_start
     print(f"\nbenchmark took {elapsed:.0f}s; load average at end {load_avg()}")
     if args.json:

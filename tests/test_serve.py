@@ -233,7 +233,7 @@ def test_disconnect_mid_stream_frees_the_request(server):
 def test_max_waiting_and_drain(checkpoint):
     """A cache that holds one request: the second waits, the third gets 503; SIGTERM lets
     the running one finish, answers 503 meanwhile, and exits 0."""
-    # 26 blocks of 16 tokens; a request of 10 + 300 tokens takes 20 of them
+    # 25 blocks of 16 tokens (and the scratch block); a request of 10 + 300 tokens takes 20 of them
     s = Server(["--model", checkpoint, "--kv-cache-gb", "0.0003", "--block-size", "16", "--max-waiting", "1",
                 "--drain-timeout", "60"])
     body = {"prompt": list(range(3, 13)), "max_tokens": 300, "ignore_eos": True, "temperature": 0}

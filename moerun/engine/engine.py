@@ -24,6 +24,7 @@ import torch.distributed as dist
 from ..kvcache import KVCache
 from ..mesh import gather_to_rank0
 from ..options import EngineConfig, SamplingParams
+from .graphs import graph_runner
 from .messages import Stop, Tick
 from .request import Request, TokenEvent, check_prompt
 from .scheduler import Scheduler
@@ -46,7 +47,7 @@ def kv_blocks(model, cfg: EngineConfig, mesh=None) -> int:
             budget = 0.9 * torch.cuda.mem_get_info(dev)[0]
         else:
             budget = 2**28  # CPU: 256 MiB unless --kv-cache-gb says otherwise
-        n = int(budget // per_block)
+        n = int(budget // per_block) - 1  # one block of the budget is the cache's scratch block
     if mesh is not None:
         t = torch.tensor([n], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=mesh.ctrl)
@@ -57,9 +58,12 @@ def kv_blocks(model, cfg: EngineConfig, mesh=None) -> int:
 
 
 def stage_worker(model, cfg: EngineConfig, mesh=None) -> StageWorker:
-    """This rank's worker with a KV cache of the agreed number of blocks."""
-    return StageWorker(model, KVCache.for_model(model, kv_blocks(model, cfg, mesh), cfg.block_size), mesh,
-                       profile=cfg.profile)
+    """This rank's worker with a KV cache of the agreed number of blocks, and its decode
+    steps captured as CUDA graphs when they can be (``graphs.graph_runner``)."""
+    worker = StageWorker(model, KVCache.for_model(model, kv_blocks(model, cfg, mesh), cfg.block_size), mesh,
+                         profile=cfg.profile)
+    worker.graphs = graph_runner(model, worker.cache, cfg, mesh)
+    return worker
 
 
 class Engine:

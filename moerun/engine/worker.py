@@ -6,8 +6,9 @@ hidden states with an ``irecv`` posted at the end of the previous tick, computes
 its output on with ``isend`` and posts the ``irecv`` for the next tick before the tick's
 control collectives, so transfers overlap compute and never wait on a sender. The last
 stage samples (TP rank 0 only) and returns the tokens (with log probabilities for the
-requests that ask). ``trace`` keeps the last ``TRACE_TICKS`` ticks (a ring buffer: a
-server runs for ever).
+requests that ask), batched on the device with one copy of the tokens to the host; a
+decode step replays a CUDA graph when the engine captured them (``graphs.py``).
+``trace`` keeps the last ``TRACE_TICKS`` ticks (a ring buffer: a server runs for ever).
 
 The worker owns the rank's profiler ``prof`` (``moerun.profile``; the do-nothing
 ``NULL_PROFILER`` unless built with ``profile=True``): it times the pipeline transfers and
@@ -18,6 +19,7 @@ Shape legend: T = tokens of the step, H = hidden, V = vocab.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections import deque
@@ -27,7 +29,7 @@ import torch.distributed as dist
 
 from ..model import AttnMeta
 from ..profile import NULL_PROFILER, Profiler
-from ..sampling import Sampled, logprobs_of, make_generator, sample
+from ..sampling import Sampled, make_generator, sample_step
 from .request import SeqStep
 
 TRACE_TICKS = 100_000  # (tick, stage, micro_batch, tokens, busy_s, wait_s) rows kept per rank
@@ -44,6 +46,7 @@ class StageWorker:
         self.pending_recv = None  # (buffer, work) for the next tick
         self.pending_send = []
         self.gens: dict[int, object] = {}
+        self.graphs = None  # a GraphRunner (moerun.engine.graphs) once captured, on CUDA
         self.trace: deque[tuple] = deque(maxlen=TRACE_TICKS)  # (tick, stage, micro_batch, tokens, busy_s, wait_s)
         kill = os.environ.get("MOERUN_TEST_KILL")  # "rank:tick": that rank dies there (tests)
         rank = mesh.rank if mesh else 0
@@ -76,20 +79,12 @@ class StageWorker:
         wait = 0.0
         out: dict[int, Sampled] = {}
         if steps is not None:  # None: a bubble, the same on every replica
-            with prof.phase("pp_send_recv" if self.stage else "embedding"):  # stage 0 builds the ids
+            with prof.phase("pp_send_recv" if self.stage else "embedding"):
                 x = self._input(tick, steps)
             wait = time.perf_counter() - t0
             t1 = time.perf_counter()
             lens = [len(s.tokens) for s in steps]
-            with prof.phase("attention"):  # the KV cache addressing (slots, block tables) attention reads
-                meta = AttnMeta.build([list(s.blocks) for s in steps], [s.start for s in steps], lens,
-                                      self.cache.block_size, self.device)
-            rows = None
-            if self.stage == self.num_stages - 1:
-                with prof.phase("lm_head"):  # the rows whose logits are sampled
-                    ends = torch.cumsum(torch.tensor(lens, dtype=torch.long), 0) - 1
-                    rows = ends[[i for i, s in enumerate(steps) if s.sample]].to(self.device)
-            y = self.model(x, meta.pos_T, meta, self.cache, logits_rows=rows, prof=prof)
+            y = self._forward(x, steps, lens, prof)
             if self.stage < self.num_stages - 1:
                 if y.shape[0]:
                     with prof.phase("pp_send_recv"):
@@ -111,9 +106,30 @@ class StageWorker:
                 self.pending_recv = self._recv_for(tick + 1)
         return out
 
-    def _input(self, tick: int, steps: list[SeqStep]) -> torch.Tensor:
+    def _forward(self, x, steps: list[SeqStep], lens: list[int], prof) -> torch.Tensor:
+        """The model on this step: replayed from a CUDA graph when one fits (decode), else
+        eager, its step metadata (ids, positions, slots, block tables, sampled rows) sent
+        to the device in one copy (``AttnMeta.build``)."""
+        last = self.stage == self.num_stages - 1
+        sampled = [i for i, s in enumerate(steps) if s.sample] if last else None
+        if self.graphs is not None and self.graphs.fits(steps):
+            return self.graphs.run(steps, x, sampled)
+        with prof.phase("attention"):  # the KV cache addressing (slots, block tables) attention reads
+            rows = None  # the logits rows to keep; None: all (every row is a sampled decode)
+            if last and (len(sampled) < len(steps) or any(n != 1 for n in lens)):
+                ends = list(itertools.accumulate(lens))
+                rows = [ends[i] - 1 for i in sampled]
+            ids = [t for s in steps for t in s.tokens] if self.stage == 0 else None
+            meta = AttnMeta.build([s.blocks for s in steps], [s.start for s in steps], lens,
+                                  self.cache.block_size, self.device, ids=ids, rows=rows)
+        return self.model(meta.ids_T if self.stage == 0 else x, meta.pos_T, meta, self.cache,
+                          logits_rows=meta.rows_R, prof=prof)
+
+    def _input(self, tick: int, steps: list[SeqStep]):
+        """The hidden states from the previous stage; None on stage 0 (its ids travel in
+        the step metadata)."""
         if self.stage == 0:
-            return torch.tensor([t for s in steps for t in s.tokens], dtype=torch.long, device=self.device)
+            return None
         if self.pending_recv is None:  # nothing to receive: zero tokens this step
             return torch.empty(0, self.model.cfg.hidden_size, dtype=self.model.dtype, device=self.device)
         buf, work = self.pending_recv
@@ -122,17 +138,13 @@ class StageWorker:
         return buf
 
     def _sample(self, logits_RV: torch.Tensor, steps: list[SeqStep]) -> dict[int, Sampled]:
+        """The step's tokens, batched on the logits' device; one copy to the host."""
         for s in steps:
             if s.req_id not in self.gens:
-                self.gens[s.req_id] = make_generator(s.params, s.req_id)
-        params = [s.params for s in steps]
-        finite_R = torch.isfinite(logits_RV).all(dim=-1)
-        if not bool(finite_R.all()):  # argmax of NaNs is token 0: never sample garbage silently
-            bad = [s.req_id for s, ok in zip(steps, finite_R.tolist()) if not ok]
-            raise FloatingPointError(f"the model produced non-finite logits (NaN or inf) for request(s) {bad[:8]}: "
-                                     "the weights or the dtype overflowed; try --dtype float32")
-        toks = sample(logits_RV, params, [self.gens[s.req_id] for s in steps])
-        return {s.req_id: r for s, r in zip(steps, logprobs_of(logits_RV, toks, [p.logprobs for p in params]))}
+                self.gens[s.req_id] = make_generator(s.params, s.req_id, logits_RV.device)
+        toks = sample_step(logits_RV, [s.params for s in steps], [self.gens[s.req_id] for s in steps],
+                           [s.req_id for s in steps])
+        return {s.req_id: r for s, r in zip(steps, toks)}
 
     def profile_report(self) -> dict:
         """This rank's profile (``Profiler.report``) with its weight and KV cache bytes."""

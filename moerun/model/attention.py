@@ -1,11 +1,13 @@
 """Grouped-query attention with heads split over TP, q/k norms, RoPE and a KV cache.
 
 ``AttnMeta`` describes one forward: the new tokens of B sequences concatenated into T
-rows. When the kernels run Triton (CUDA, or ``set_default_impl("triton")`` under the
-interpreter), ``kernels.paged_attention`` reads K/V straight from the cache's blocks
-(varlen, GQA without repeating K/V). Otherwise (CPU) queries are scattered into a padded
-``[B, Nq, ...]`` block so one ``scaled_dot_product_attention`` call per layer serves
-prefill, decode and any mix.
+rows. Its tensors are views of one int64 buffer that reached the device in one
+non-blocking copy (``AttnMeta.build``). When the kernels run Triton (CUDA, or
+``set_default_impl("triton")`` under the interpreter), ``kernels.paged_attention`` reads K/V
+straight from the cache's blocks (varlen, GQA without repeating K/V). Otherwise (CPU)
+queries are scattered into a padded ``[B, Nq, ...]`` block so one
+``scaled_dot_product_attention`` call per layer serves prefill, decode and any mix, under a
+mask built on the device from ``starts_B`` and ``lens_B``.
 
 Shape legend: T = new tokens, B = sequences, P = blocks per block table, Nq = most new
 tokens of one sequence, L = longest cached length, N = heads (local), D = head dim.
@@ -32,42 +34,54 @@ class AttnMeta:
     pos_T: torch.Tensor  # position of each new token
     table_BP: torch.Tensor  # each sequence's block table, padded with block 0 (masked)
     pad_index_T: torch.Tensor  # where each token sits in the flat [B * Nq] query block
-    starts: list[int]
+    starts_B: torch.Tensor  # first new position of each sequence (int64, on the device)
+    lens_B: torch.Tensor  # new tokens of each sequence (int64, on the device)
+    starts: list[int]  # the same two on the host (shapes, batch size)
     lens: list[int]
     max_new: int
     max_len: int
     uniform: bool  # every sequence has max_new new tokens: the query block needs no padding
+    ids_T: torch.Tensor | None = None  # the step's token ids, when ``build`` was given them
+    rows_R: torch.Tensor | None = None  # the rows whose logits are sampled, when given
     _masks: dict = field(default_factory=dict)
     _cu_q: torch.Tensor | None = None
 
     @staticmethod
     def build(block_tables: list[list[int]], starts: list[int], lens: list[int], block_size: int,
-              device) -> "AttnMeta":
+              device, ids: list[int] | None = None, rows: list[int] | None = None) -> "AttnMeta":
         """New tokens ``[start, start + len)`` of each sequence; its KV lives in the blocks
-        of its block table."""
-        B = len(lens)
+        of its block table. ``ids`` (the new tokens' ids) and ``rows`` (the rows to sample)
+        travel in the same copy. Every int of the step is laid out on the host in one int64
+        buffer (pinned on CUDA) and reaches the device in one non-blocking copy; the
+        tensors are views of it."""
+        B, T = len(lens), sum(lens)
         max_new = max(lens, default=0)
         max_len = max((s + n for s, n in zip(starts, lens)), default=0)
         nblk = max(-(-max_len // block_size), 1)  # the blocks that hold positions [0, max_len)
-        table = torch.zeros(B, nblk, dtype=torch.long)
-        for b, t in enumerate(block_tables):
-            t = t[:nblk]
-            table[b, : len(t)] = torch.tensor(t, dtype=torch.long)
-        pos_T = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)]) if B else \
-            torch.zeros(0, dtype=torch.long)
-        seq_T = torch.repeat_interleave(torch.arange(B), torch.tensor(lens, dtype=torch.long))
-        slot_T = table[seq_T, pos_T // block_size] * block_size + pos_T % block_size if B else pos_T
-        pad_T = seq_T * max_new + (pos_T - torch.tensor(starts, dtype=torch.long)[seq_T] if B else pos_T)
-        dev = lambda t: t.to(device)  # noqa: E731
-        return AttnMeta(dev(slot_T), dev(pos_T), dev(table), dev(pad_T), list(starts), list(lens),
-                        max_new, max_len, all(n == max_new for n in lens))
+        pos, slot, pad, table = [], [], [], []
+        for b, (table_b, s, n) in enumerate(zip(block_tables, starts, lens)):
+            pos.extend(range(s, s + n))
+            pad.extend(range(b * max_new, b * max_new + n))
+            for i in range(s // block_size, -(-(s + n) // block_size)):  # the blocks the new tokens fill
+                lo, hi = max(s, i * block_size), min(s + n, (i + 1) * block_size)
+                base = table_b[i] * block_size - i * block_size
+                slot.extend(range(base + lo, base + hi))
+            t = list(table_b[:nblk])
+            table.extend(t + [0] * (nblk - len(t)))
+        sizes = (len(ids or ()), T, T, T, B, B, len(rows or ()), B * nblk)
+        dev = to_device([ids or (), slot, pos, pad, starts, lens, rows or (), table], device)
+        ids_T, slot_T, pos_T, pad_T, starts_B, lens_B, rows_R, table_flat = dev.split(sizes)
+        return AttnMeta(slot_T, pos_T, table_flat.view(B, nblk), pad_T, starts_B, lens_B, list(starts), list(lens),
+                        max_new, max_len, all(n == max_new for n in lens),
+                        ids_T if ids is not None else None, rows_R if rows is not None else None)
 
     def mask(self, window: int) -> torch.Tensor:
-        """[B, 1, Nq, L] bool, True = may attend: causal, within the sequence, in the window."""
+        """[B, 1, Nq, L] bool, True = may attend: causal, within the sequence, in the window.
+        Built on the device from ``starts_B`` and ``lens_B`` (no host data)."""
         if window not in self._masks:
             dev = self.pos_T.device
-            starts = torch.tensor(self.starts, device=dev)[:, None, None]
-            lens = torch.tensor(self.lens, device=dev)[:, None, None]
+            starts = self.starts_B[:, None, None]
+            lens = self.lens_B[:, None, None]
             j = torch.arange(self.max_new, device=dev)[None, :, None]
             kpos = torch.arange(self.max_len, device=dev)[None, None, :]
             qpos = starts + j
@@ -90,6 +104,17 @@ class AttnMeta:
             counts.index_add_(0, seq_T + 1, torch.ones_like(seq_T, dtype=torch.int32))
             self._cu_q = counts.cumsum(0, dtype=torch.int32)
         return self._cu_q
+
+def to_device(parts, device) -> torch.Tensor:
+    """The int sequences ``parts`` concatenated as one int64 tensor on ``device``: built once on
+    the host (pinned when the device is a GPU) and copied with ``non_blocking=True``, so
+    the host never waits for the device here. On the CPU the host tensor is the result."""
+    device = torch.device(device)
+    flat = [v for p in parts for v in p]
+    if device.type != "cuda":
+        return torch.tensor(flat, dtype=torch.long)
+    host = torch.tensor(flat, dtype=torch.long, pin_memory=True)
+    return host.to(device, non_blocking=True)
 
 
 class Attention(nn.Module):
