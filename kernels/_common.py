@@ -75,6 +75,17 @@ def pre_round_bf16(x, ROUND_BF16: tl.constexpr):
     return x
 
 
+@jit
+def dot(a, b, acc, IEEE_F32: tl.constexpr):
+    """``tl.dot(a, b, acc)``; with IEEE_F32 in float32 without TF32 — for float32 inputs, and
+    for bf16 / fp16 under the interpreter, whose low-precision dot is broken on CPU (triton
+    3.9); float32 products of bf16 values are exact, so the result is the same."""
+    if IEEE_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
 def round_bf16_by_hand(dtype: torch.dtype) -> bool:
     """The ROUND_BF16 flag of ``pre_round_bf16`` for an output of this dtype."""
     return INTERPRETED and dtype == torch.bfloat16

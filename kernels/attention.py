@@ -46,7 +46,7 @@ import math
 
 import torch
 
-from ._common import alloc, check_float, jit, next_pow2, pre_round_bf16, resolve_impl
+from ._common import alloc, check_float, dot, jit, next_pow2, pre_round_bf16, resolve_impl
 from ._common import round_bf16_by_hand, INTERPRETED, tl, triton
 
 _LOG2E = 1.4426950408889634
@@ -126,16 +126,6 @@ def reference_paged_attention(q_TND, k_cache, v_cache, table_BP, cu_q_B1, pos_T,
 
 
 @jit
-def _dot(a, b, acc, IEEE_F32: tl.constexpr):
-    # IEEE_F32: float32 without TF32, and bf16 / fp16 under the interpreter, whose low-precision
-    # dot is broken on CPU (triton 3.9); fp32 products of bf16 values are exact.
-    if IEEE_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
-
-
-@jit
 def _paged_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, cu_q_ptr, pos_ptr, sinks_ptr,
                             part_ptr, ml_ptr, qk_scale, window, num_q_tiles, num_splits, D,
                             stride_qt, stride_qn, stride_kb, stride_kr, stride_kn,
@@ -189,7 +179,7 @@ def _paged_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, cu_q_ptr, p
         kv_mask = key_ok_N[:, None] & d_ok_D[None, :]
         k_ND = tl.load(k_ptr + block_N[:, None] * stride_kb + row_N[:, None] * stride_kr
                        + kv_head * stride_kn + d_D[None, :], mask=kv_mask, other=0.0)
-        s_MN = _dot(q_MD, tl.trans(k_ND), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), IEEE_F32)
+        s_MN = dot(q_MD, tl.trans(k_ND), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), IEEE_F32)
         s_MN = s_MN * qk_scale  # log2 units
         visible_MN = (key_N[None, :] <= pos_M[:, None]) & key_ok_N[None, :]
         if window > 0:
@@ -202,9 +192,9 @@ def _paged_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, cu_q_ptr, p
         v_ND = tl.load(v_ptr + block_N[:, None] * stride_vb + row_N[:, None] * stride_vr
                        + kv_head * stride_vn + d_D[None, :], mask=kv_mask, other=0.0)
         if IEEE_F32:  # p stays float32
-            acc_MD = _dot(p_MN, v_ND, acc_MD * alpha_M[:, None], IEEE_F32)
+            acc_MD = dot(p_MN, v_ND, acc_MD * alpha_M[:, None], IEEE_F32)
         else:  # p in the cache dtype for the tensor cores, float32 accumulation
-            acc_MD = _dot(p_MN.to(v_ND.dtype), v_ND, acc_MD * alpha_M[:, None], IEEE_F32)
+            acc_MD = dot(p_MN.to(v_ND.dtype), v_ND, acc_MD * alpha_M[:, None], IEEE_F32)
         m_M = m_new_M
     if SPLIT:
         at_M = piece.to(tl.int64) * stride_ps + tok_M.to(tl.int64) * stride_pt + head_M * D

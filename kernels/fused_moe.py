@@ -42,7 +42,7 @@ import dataclasses
 import torch
 
 from . import moe_config
-from ._common import INTERPRETED, alloc, check_routed, jit, resolve_impl
+from ._common import INTERPRETED, alloc, check_routed, dot, jit, resolve_impl
 from ._common import pre_round_bf16, round_bf16_by_hand, tl, triton
 from .align import moe_align
 
@@ -193,16 +193,6 @@ def reference_moe_loop(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, *, expert_star
 
 
 @jit
-def _dot(a, b, acc, IEEE_F32: tl.constexpr):
-    # IEEE_F32: float32 inputs without TF32, and bf16 under the interpreter, whose bf16 dot
-    # is broken on CPU (triton 3.9); fp32 products of bf16 values are exact, so same result.
-    if IEEE_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
-
-
-@jit
 def _block_ids(num_blocks_m, num_blocks_n, GROUP_M: tl.constexpr):
     # Grouped launch order: GROUP_M row blocks sweep all column blocks together (L2 reuse).
     pid = tl.program_id(0)
@@ -240,8 +230,8 @@ def _gemm1_swiglu_kernel(x_ptr, w13_ptr, inter_ptr, sorted_ptr, block_expert_ptr
         k_ok_Kb = k_Kb < H - k0
         x_MK = tl.load(x_ptrs, mask=row_ok_M[:, None] & k_ok_Kb[None, :], other=0.0)
         w_mask = k_ok_Kb[:, None] & n_ok_N[None, :]
-        gate_MN = _dot(x_MK, tl.load(gate_ptrs, mask=w_mask, other=0.0), gate_MN, IEEE_F32)
-        up_MN = _dot(x_MK, tl.load(up_ptrs, mask=w_mask, other=0.0), up_MN, IEEE_F32)
+        gate_MN = dot(x_MK, tl.load(gate_ptrs, mask=w_mask, other=0.0), gate_MN, IEEE_F32)
+        up_MN = dot(x_MK, tl.load(up_ptrs, mask=w_mask, other=0.0), up_MN, IEEE_F32)
         x_ptrs += BLOCK_K * stride_xh
         gate_ptrs += BLOCK_K * stride_wh
         up_ptrs += BLOCK_K * stride_wh
@@ -288,7 +278,7 @@ def _gemm2_weighted_kernel(inter_ptr, w2_ptr, y_ptr, weights_ptr, sorted_ptr, bl
         k_ok_Kb = k_Kb < k_end - k0
         a_MK = tl.load(a_ptrs, mask=row_ok_M[:, None] & k_ok_Kb[None, :], other=0.0)
         b_KN = tl.load(b_ptrs, mask=k_ok_Kb[:, None] & n_ok_N[None, :], other=0.0)
-        acc_MN = _dot(a_MK, b_KN, acc_MN, IEEE_F32)
+        acc_MN = dot(a_MK, b_KN, acc_MN, IEEE_F32)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_wf
     if HAS_BIAS:  # the down bias belongs to the expert's output: weighted with it below; split 0 adds it

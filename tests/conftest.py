@@ -14,6 +14,7 @@ import os
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import random  # noqa: E402
 import zlib  # noqa: E402
 
 import pytest  # noqa: E402
@@ -28,6 +29,19 @@ def fixed_seed(request):
     torch.manual_seed(seed)
     request.node.user_properties.append(("torch_seed", seed))
     return seed
+
+@pytest.fixture
+def seed():
+    """The kernel tests' fresh seed per run (reported in their failure messages), with kernel
+    outputs poisoned: buffers start as NaN (or -7777 for ints), so rows a kernel never writes
+    show up."""
+    from moerun.kernels import _common
+    s = random.randrange(2**31)
+    torch.manual_seed(s)
+    _common.set_debug_poison(True)
+    yield s
+    _common.set_debug_poison(False)
+
 
 COMMON = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
               vocab_size=160, max_position_embeddings=512)

@@ -1,4 +1,5 @@
-"""Shared by the kernel tests: the device and the skip marker for Triton runs.
+"""Shared by the kernel tests: the device and the skip marker for Triton runs (the kernel
+tests' ``seed`` fixture is in conftest.py).
 
 The Triton interpreter must be chosen before triton is first imported; tests/conftest.py
 does that, and so does this module, so a kernel test file also runs on its own."""

@@ -21,16 +21,6 @@ from moerun.kernels import _common, align, moe_config
 IMPLS = [pytest.param("triton", marks=needs_triton), "torch"]
 
 
-@pytest.fixture
-def seed():
-    """A fresh seed per test (reported in failure messages) and poisoned kernel outputs."""
-    s = random.randrange(2**31)
-    torch.manual_seed(s)
-    _common.set_debug_poison(True)
-    yield s
-    _common.set_debug_poison(False)
-
-
 def routing(T, E, k, unused=()):
     """Distinct expert ids per token (like a router), never choosing the `unused` experts."""
     scores_TE = torch.rand(T, E, device=DEVICE)

@@ -7,7 +7,6 @@ there is no GPU:
 Shape legend: T = new tokens, B = sequences, P = blocks per table, N = heads, D = head dim.
 """
 import math
-import random
 
 import pytest
 import torch
@@ -15,18 +14,8 @@ import torch
 from kernel_env import DEVICE, needs_triton
 
 import moerun.kernels as K
-from moerun.kernels import _common
 
 IMPLS = [pytest.param("triton", marks=needs_triton), "torch"]
-
-
-@pytest.fixture
-def seed():
-    s = random.randrange(2**31)
-    torch.manual_seed(s)
-    _common.set_debug_poison(True)
-    yield s
-    _common.set_debug_poison(False)
 
 
 def make_case(starts, lens, Nq, Nkv, D, block_size, dtype, spare_blocks=3):

@@ -8,7 +8,6 @@ multiples of the tiles. The clamp limit is small enough that the clamps engage (
 Shape legend: T = tokens, E = experts, K = top-k, H = hidden, F = expert FFN width.
 """
 import importlib
-import random
 
 import pytest
 import torch
@@ -16,20 +15,10 @@ import torch
 from kernel_env import DEVICE, needs_triton
 
 import moerun.kernels as K
-from moerun.kernels import _common
 # |error| <= TOL * max|expected| (as tests/test_kernels_fused_moe.py)
 TOL_F64 = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 TOL_REF = {torch.float32: 1e-5, torch.bfloat16: 8e-3}
 ALPHA, LIMIT = 1.702, 0.9
-
-
-@pytest.fixture
-def seed():
-    s = random.randrange(2**31)
-    torch.manual_seed(s)
-    _common.set_debug_poison(True)  # kernel buffers start as NaN: unwritten rows show up
-    yield s
-    _common.set_debug_poison(False)
 
 
 def make_case(T, E, k, H, F, dtype, kind, biases, unused=()):

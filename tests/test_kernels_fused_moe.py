@@ -6,7 +6,6 @@ Runs under the Triton interpreter when there is no GPU, on tiny shapes whose siz
 multiples of the tiles (interpreter tiles: BLOCK_M=16, BLOCK_N=32, BLOCK_K=32).
 Shape legend: T = tokens, E = experts, K = top-k, H = hidden, F = expert FFN width.
 """
-import random
 
 import pytest
 import torch
@@ -14,19 +13,9 @@ import torch
 from kernel_env import DEVICE, needs_triton
 
 import moerun.kernels as K
-from moerun.kernels import _common
 # |error| <= TOL * max|expected|: vs float64, and kernel vs reference (same roundings)
 TOL_F64 = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 TOL_REF = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 2e-3}
-
-
-@pytest.fixture
-def seed():
-    s = random.randrange(2**31)
-    torch.manual_seed(s)
-    _common.set_debug_poison(True)  # kernel buffers start as NaN: unwritten rows show up
-    yield s
-    _common.set_debug_poison(False)
 
 
 def make_case(T, E, k, H, F, dtype, unused=()):

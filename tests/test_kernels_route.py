@@ -13,7 +13,6 @@ Shape legend: T = tokens, E = experts, K = top-k, G = groups.
 """
 import importlib
 import math
-import random
 
 import pytest
 import torch
@@ -21,18 +20,8 @@ import torch
 from kernel_env import DEVICE, needs_triton
 
 import moerun.kernels as K
-from moerun.kernels import _common
 
 NEAR_TIE = 1e-5  # relative gap below which a random row is drawn again
-
-
-@pytest.fixture
-def seed():
-    s = random.randrange(2**31)
-    torch.manual_seed(s)
-    _common.set_debug_poison(True)  # kernel outputs start as NaN / -7777: unwritten slots show up
-    yield s
-    _common.set_debug_poison(False)
 
 
 def _gap(a: float, b: float) -> float:
