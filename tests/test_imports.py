@@ -95,7 +95,7 @@ def test_cycle_finder_finds_a_function_local_cycle(tmp_path):
 
 def test_torch_free_layers_import_no_torch():
     code = ("import sys; import moerun.plan, moerun.plan.cli, moerun.args, moerun.options, moerun.config, "
-            "moerun.parallel, moerun.dtypes, moerun.hf_config; "
+            "moerun.parallel, moerun.dtypes, moerun.hf_config, moerun.eplb; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
