@@ -125,6 +125,13 @@ def reference_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, *, expert_sta
 # torch._grouped_mm it measured 2.5x faster at 1 slot per expert, level at 16 and 0.64x at 64
 # (2-core AMD EPYC, fp32, E=64 H=128 F=256; `python scripts/bench_kernels.py --cpu`, docs/perf.md).
 GEMV_MAX_SLOTS_PER_EXPERT = 24
+# Expert size (gate, up and down weights, bytes) above which grouped_mm wins even at one slot
+# per expert: the gather-GEMV streams an expert once per slot, grouped_mm once per expert, and
+# for large experts the saved bytes outweigh grouped_mm's per-call cost. 2-core Intel Xeon,
+# fp32, E = 64, top-2, 32 tokens: H = F = 1024 (12 MiB) grouped 28 ms vs gather-GEMV 43 ms,
+# H = F = 512 (3 MiB) 7.4 vs 8.1, H = 256 F = 512 (1.5 MiB) 2.8 vs 2.4, E = 128 top-8
+# H = 512 F = 256 (1.5 MiB) 14.8 vs 11.7, the tiny preset's 0.4 MiB 1.3 vs 1.0.
+GEMV_MAX_EXPERT_BYTES = 2 * 2**20
 
 
 def _k_major(w_EnK: torch.Tensor):
@@ -146,8 +153,9 @@ def _gather_gemv(x_NK: torch.Tensor, table_XN: torch.Tensor, e_N: torch.Tensor) 
 def torch_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, *, expert_start=0, path=None,
                     act: ExpertAct = PLAIN):
     """The fast PyTorch path (``impl="torch"``) on CPU float32: the reference's sort, then
-    - few slots per expert (decode) and K-major weights: each projection is one gather-GEMV
-      (``_gather_gemv``), which streams only the routed experts' weights at memory speed;
+    - few slots per expert (decode), small experts (GEMV_MAX_EXPERT_BYTES) and K-major
+      weights: each projection is one gather-GEMV (``_gather_gemv``), which streams only the
+      routed experts' weights at memory speed, once per slot;
     - otherwise one ``torch._grouped_mm`` per projection over all local experts.
     Elsewhere (another device or dtype, or no ``_grouped_mm``) it is the reference.
     ``path`` = "gemv" or "grouped" forces one (benchmarks): "gemv" needs K-major weights,
@@ -167,7 +175,9 @@ def torch_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, *, expert_start=0
     k_major = w13_table is not None and w2_table is not None
     if path == "gemv" and not k_major:
         raise ValueError("path='gemv' needs K-major experts: w13.transpose(1, 2) and w2.transpose(1, 2) contiguous")
-    if path == "gemv" or (path is None and k_major and slots_N.numel() < GEMV_MAX_SLOTS_PER_EXPERT * E):
+    expert_bytes = (w13_EFH[0].numel() + w2_EHF[0].numel()) * w13_EFH.element_size()
+    few = slots_N.numel() < GEMV_MAX_SLOTS_PER_EXPERT * E and expert_bytes <= GEMV_MAX_EXPERT_BYTES
+    if path == "gemv" or (path is None and k_major and few):
         def gemm(a, table, w):
             return _gather_gemv(a, table, e_N)
     else:

@@ -66,6 +66,24 @@ def test_auto_choice_follows_slots_per_expert(monkeypatch):
         assert (out - fm.reference_fused_moe(x, w13, w2, w, ids)).abs().max().item() <= 1e-5
 
 
+def test_auto_choice_takes_grouped_mm_for_large_experts(monkeypatch):
+    """Experts above GEMV_MAX_EXPERT_BYTES: grouped_mm even at one slot per expert (it reads
+    each expert once; the gather-GEMV once per slot)."""
+    calls = []
+    real = fm._gather_gemv
+    monkeypatch.setattr(fm, "_gather_gemv", lambda *a: calls.append(1) or real(*a))
+    E, K, H, F = 4, 2, 8, 16
+    w13, w2 = experts(E, H, F, "k_major")
+    ids = torch.stack([torch.randperm(E)[:K] for _ in range(3)]).to(torch.int32)
+    x, w = torch.randn(3, H), torch.rand(3, K)
+    for limit, gemv in ((3 * H * F * 4, True), (3 * H * F * 4 - 1, False)):  # these experts are 3*H*F fp32
+        calls.clear()
+        monkeypatch.setattr(fm, "GEMV_MAX_EXPERT_BYTES", limit)
+        out = fm.torch_fused_moe(x, w13, w2, w, ids)
+        assert bool(calls) == gemv, limit
+        assert (out - fm.reference_fused_moe(x, w13, w2, w, ids)).abs().max().item() <= 1e-5
+
+
 def test_bad_path_is_refused():
     x, w = torch.randn(3, 8), torch.rand(3, 2)
     ids = torch.tensor([[0, 1], [1, 2], [2, 3]], dtype=torch.int32)
