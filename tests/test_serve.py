@@ -234,8 +234,10 @@ def test_max_waiting_and_drain(checkpoint):
     """A cache that holds one request: the second waits, the third gets 503; SIGTERM lets
     the running one finish, answers 503 meanwhile, and exits 0."""
     # 25 blocks of 16 tokens (and the scratch block); a request of 10 + 300 tokens takes 20 of them
+    # each tick held back 10 ms: the first request runs for seconds, not for the few hundred
+    # milliseconds in which a fast machine would finish it before the third request arrives
     s = Server(["--model", checkpoint, "--kv-cache-gb", "0.0003", "--block-size", "16", "--max-waiting", "1",
-                "--drain-timeout", "60"])
+                "--drain-timeout", "60"], env={"MOERUN_TEST_TICK_DELAY": "0.01"})
     body = {"prompt": list(range(3, 13)), "max_tokens": 300, "ignore_eos": True, "temperature": 0}
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         first = pool.submit(httpx.post, s.url + "/v1/completions", json=body, timeout=120)

@@ -51,6 +51,8 @@ class StageWorker:
         kill = os.environ.get("MOERUN_TEST_KILL")  # "rank:tick": that rank dies there (tests)
         rank = mesh.rank if mesh else 0
         self.kill_at = int(kill.split(":")[1]) if kill and int(kill.split(":")[0]) == rank else None
+        # seconds each tick is held back (tests that need a request to stay running a while)
+        self.tick_delay = float(os.environ.get("MOERUN_TEST_TICK_DELAY", 0) or 0)
         c = mesh.coord if mesh else None
         coord = {"pp": c.pp, "dp": c.dp, "tp": c.tp, "ep": c.ep_rank} if c else None
         self.prof = Profiler(self.device, rank, coord) if profile else NULL_PROFILER
@@ -70,6 +72,8 @@ class StageWorker:
         (stage 0's step). Returns {request id: (token, logprob, top-N)} on the sampler rank."""
         if tick == self.kill_at:
             os._exit(3)  # a test simulates a crashed rank
+        if self.tick_delay:
+            time.sleep(self.tick_delay)
         for rid in finished:
             self.gens.pop(rid, None)
         self.history[tick] = my_plan
