@@ -153,9 +153,7 @@ def load_checkpoint(model, path: str | Path, progress: bool = False) -> LoadRepo
                 continue
             scale = spec.name + SCALE_SUFFIX
             if sl.get_dtype() == FP8_DTYPE and scale in files and len(shape) == 2:
-                if files[scale] not in handles:
-                    handles[files[scale]] = _open(files[scale])
-                s_sl = handles[files[scale]].get_slice(scale)
+                s_sl = handle(scale).get_slice(scale)
                 want = (math.ceil(shape[0] / FP8_BLOCK), math.ceil(shape[1] / FP8_BLOCK))
                 if tuple(s_sl.get_shape()) != want or s_sl.get_dtype() not in FLOAT_DTYPES:
                     misshaped.append(f"{scale}: expected {list(want)} float ({FP8_BLOCK}x{FP8_BLOCK} blocks of "

@@ -32,50 +32,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from bench import compare, left_pad, make_prompts, run_moerun  # this script runs from scripts/
+
 CONDITIONS = ("deepspeed.initialize with expert_parallel.enabled, autoep_size = EP, preset_model = model_type",
               "prompts split over the EP ranks (each generates its share), left-padded, pad id 0",
               "generate(do_sample=False, max_new_tokens = min_new_tokens = N): EOS ignored like moerun's ignore_eos",
               "float32 weights and activations on CPU, gloo, one thread per rank",
               "moerun: one process, Engine.generate, greedy, ignore_eos")
-
-
-def left_pad(prompts: list[list[int]]):
-    L = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), L, dtype=torch.long)
-    mask = torch.zeros(len(prompts), L, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, L - len(p):] = torch.tensor(p)
-        mask[b, L - len(p):] = 1
-    return ids, mask
-
-
-def make_prompts(n: int, seed: int, vocab: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (int(torch.randint(4, 13, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
-
-
-def compare(ours: list[list[int]], ref: list[list[int]]) -> tuple[int, list[str]]:
-    same, notes = 0, []
-    for b, (o, r) in enumerate(zip(ours, ref)):
-        if o == r:
-            same += 1
-            continue
-        i = next((j for j, (x, y) in enumerate(zip(o, r)) if x != y), min(len(o), len(r)))
-        notes.append(f"prompt {b}: first differs at new token {i}: moerun {o[i:i + 3]} vs AutoEP {r[i:i + 3]}")
-    return same, notes
-
-
-def run_moerun(ckpt: str, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
-    from moerun.build import build_model
-    from moerun.engine import Engine, EngineConfig
-    from moerun.options import SamplingParams
-
-    model = build_model(ckpt, dtype=torch.float32, device="cpu")
-    engine = Engine(model, EngineConfig(max_batch_tokens=4096))
-    t0 = time.perf_counter()
-    outs = engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
-    return time.perf_counter() - t0, outs
 
 
 @torch.inference_mode()
@@ -95,7 +58,7 @@ def main() -> None:
     raw = json.loads((Path(args.ckpt) / "config.json").read_text())
     if args.prompts % ep:
         raise SystemExit(f"--prompts {args.prompts} must be a multiple of the EP size {ep}")
-    prompts = make_prompts(args.prompts, args.seed, raw["vocab_size"])
+    prompts = make_prompts(args.prompts, args.seed, lo=4, hi=12, vocab=raw["vocab_size"])
     share = args.prompts // ep
     mine = prompts[rank * share:(rank + 1) * share]
 
@@ -114,8 +77,11 @@ def main() -> None:
     dist.all_gather_object(got, (out[:, ids.shape[1]:].tolist(), autoep_s))
     if rank == 0:
         theirs = [seq for part, _ in got for seq in part]
-        moerun_s, ours = run_moerun(args.ckpt, prompts, args.new_tokens)
-        same, notes = compare(ours, theirs)
+        from moerun.build import build_model
+
+        moerun_s, ours = run_moerun(build_model(args.ckpt, dtype=torch.float32, device="cpu"), prompts,
+                                    args.new_tokens)
+        same, notes = compare(ours, theirs, set(), ref_name="AutoEP")
         Path(args.out).write_text(json.dumps({
             "ep": ep, "model_type": raw["model_type"], "prompts": args.prompts, "new_tokens": args.new_tokens,
             "same": same, "notes": notes, "autoep_s": max(s for _, s in got), "moerun_s": moerun_s,

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kernel_env import DEVICE, needs_triton
+from test_kernels_fused_moe import make_case as plain_case
 
 import moerun.kernels as K
 # |error| <= TOL * max|expected| (as tests/test_kernels_fused_moe.py)
@@ -22,13 +23,8 @@ ALPHA, LIMIT = 1.702, 0.9
 
 
 def make_case(T, E, k, H, F, dtype, kind, biases, unused=()):
-    x_TH = torch.randn(T, H, device=DEVICE).to(dtype)
-    w13_EFH = (torch.randn(E, 2 * F, H, device=DEVICE) / H**0.5).to(dtype)
-    w2_EHF = (torch.randn(E, H, F, device=DEVICE) / F**0.5).to(dtype)
-    scores_TE = torch.rand(T, E, device=DEVICE)
-    scores_TE[:, list(unused)] = -1.0
-    ids_TK = torch.topk(scores_TE, k, dim=1).indices.to(torch.int32)
-    weights_TK = torch.rand(T, k, device=DEVICE) + 0.1
+    """test_kernels_fused_moe's case, plus the biases named in ``biases`` and the ExpertAct."""
+    x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK = plain_case(T, E, k, H, F, dtype, unused)
     b13 = (0.5 * torch.randn(E, 2 * F, device=DEVICE)).to(dtype) if "w13" in biases else None
     b2 = (0.5 * torch.randn(E, H, device=DEVICE)).to(dtype) if "w2" in biases else None
     act = K.ExpertAct(kind=kind, alpha=ALPHA, limit=LIMIT, w13_bias=b13, w2_bias=b2)

@@ -99,7 +99,10 @@ def _autoep_usable() -> str:
     return ""
 
 
-@pytest.mark.skipif(bool(_autoep_usable()), reason=_autoep_usable() or "usable")
+AUTOEP_MISSING = _autoep_usable()
+
+
+@pytest.mark.skipif(bool(AUTOEP_MISSING), reason=AUTOEP_MISSING or "usable")
 def test_deepspeed_autoep_generates_what_moerun_does(tmp_path):
     """AutoEP end to end at EP 2 on a small Mixtral checkpoint: every greedy output equals
     moerun's (skips where DeepSpeed is not installed, as in CI)."""

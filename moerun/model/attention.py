@@ -95,15 +95,12 @@ class AttnMeta:
 
     def cu_q(self) -> torch.Tensor:
         """[B + 1] int32 on the tokens' device: sequence b's new tokens are rows
-        [cu_q[b], cu_q[b + 1]) (what the paged kernel takes). Built on the device from
-        pad_index_T (sequence = pad index // max_new), once per forward, without a host sync."""
+        [cu_q[b], cu_q[b + 1]) (what the paged kernel takes): the running sum of ``lens_B``,
+        once per forward, without a host sync."""
         if self._cu_q is None:
-            dev, B = self.pad_index_T.device, len(self.lens)
-            seq_T = self.pad_index_T // max(self.max_new, 1)
-            counts = torch.zeros(B + 1, dtype=torch.int32, device=dev)
-            counts.index_add_(0, seq_T + 1, torch.ones_like(seq_T, dtype=torch.int32))
-            self._cu_q = counts.cumsum(0, dtype=torch.int32)
+            self._cu_q = torch.nn.functional.pad(self.lens_B.cumsum(0), (1, 0)).to(torch.int32)
         return self._cu_q
+
 
 def to_device(parts, device) -> torch.Tensor:
     """The int sequences ``parts`` concatenated as one int64 tensor on ``device``: built once on
