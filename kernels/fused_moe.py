@@ -41,7 +41,7 @@ import dataclasses
 
 import torch
 
-from . import moe_config
+from . import cpu_ext, moe_config
 from ._common import INTERPRETED, alloc, check_routed, dot, jit, resolve_impl
 from ._common import pre_round_bf16, round_bf16_by_hand, tl, triton
 from .align import moe_align
@@ -121,9 +121,12 @@ def reference_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, *, expert_sta
     return _expert_loop(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start, torch.float32, act)
 
 
-# Slots per local expert below which the gather-GEMV path is used on CPU: against
-# torch._grouped_mm it measured 2.5x faster at 1 slot per expert, level at 16 and 0.64x at 64
-# (2-core AMD EPYC, fp32, E=64 H=128 F=256; `python scripts/bench_kernels.py --cpu`, docs/perf.md).
+# Slots per local expert below which the C kernel (or, without it, the gather-GEMV) is used on
+# CPU. Gather-GEMV against torch._grouped_mm: 2.5x faster at 1 slot per expert, level at 16 and
+# 0.64x at 64 (2-core AMD EPYC, fp32, E=64 H=128 F=256; `python scripts/bench_kernels.py --cpu`).
+# The C kernel against the grouped path (2-core Intel Xeon, fp32, E=64, top-2): H = F = 1024
+# 19.9 vs 31.0 ms at 32 tokens, 75 vs 84 ms at 512, 125 vs 108 ms at 1024 (16 and 32 slots
+# per expert); H = 128, F = 256: 0.65 vs 0.93 ms at 32 tokens, 4.3 vs 4.9 ms at 512.
 GEMV_MAX_SLOTS_PER_EXPERT = 24
 # Expert size (gate, up and down weights, bytes) above which grouped_mm wins even at one slot
 # per expert: the gather-GEMV streams an expert once per slot, grouped_mm once per expert, and
@@ -152,18 +155,27 @@ def _gather_gemv(x_NK: torch.Tensor, table_XN: torch.Tensor, e_N: torch.Tensor) 
 
 def torch_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, *, expert_start=0, path=None,
                     act: ExpertAct = PLAIN):
-    """The fast PyTorch path (``impl="torch"``) on CPU float32: the reference's sort, then
-    - few slots per expert (decode), small experts (GEMV_MAX_EXPERT_BYTES) and K-major
-      weights: each projection is one gather-GEMV (``_gather_gemv``), which streams only the
-      routed experts' weights at memory speed, once per slot;
+    """The fast path of ``impl="torch"`` on CPU float32:
+    - fewer than GEMV_MAX_SLOTS_PER_EXPERT slots per local expert on average (decode) and
+      the C kernel built (``cpu_ext``): one C call streams each routed expert's weights once;
+    - else the reference's sort, then with few slots per expert, small experts
+      (GEMV_MAX_EXPERT_BYTES) and K-major weights one gather-GEMV per projection
+      (``_gather_gemv``), which streams the routed experts' weights once per slot;
     - otherwise one ``torch._grouped_mm`` per projection over all local experts.
     Elsewhere (another device or dtype, or no ``_grouped_mm``) it is the reference.
-    ``path`` = "gemv" or "grouped" forces one (benchmarks): "gemv" needs K-major weights,
-    "grouped" runs wherever the installed torch has ``_grouped_mm`` (e.g. bf16 on a GPU)."""
-    if path not in (None, "gemv", "grouped"):
-        raise ValueError(f"path={path!r}: use None (choose by slots per expert), 'gemv' or 'grouped'")
-    grouped = getattr(torch, "_grouped_mm", None)
+    ``path`` = "ext", "gemv" or "grouped" forces one (benchmarks, tests): "ext" needs the C
+    kernel, "gemv" K-major weights, "grouped" a torch with ``_grouped_mm`` (e.g. bf16 on a GPU)."""
+    if path not in (None, "ext", "gemv", "grouped"):
+        raise ValueError(f"path={path!r}: use None (choose by slots per expert), 'ext', 'gemv' or 'grouped'")
     cpu_f32 = x_TH.device.type == "cpu" and x_TH.dtype == torch.float32
+    if path == "ext" or (path is None and cpu_f32 and x_TH.shape[0] > 0
+                         and x_TH.shape[0] * ids_TK.shape[1] < GEMV_MAX_SLOTS_PER_EXPERT * w13_EFH.shape[0]):
+        if cpu_ext.supports(x_TH, w13_EFH, w2_EHF, act) and cpu_ext.available():
+            return cpu_ext.moe_experts(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start, act)
+        if path == "ext":
+            raise ValueError("path='ext' needs the CPU expert kernel (" + (cpu_ext.unavailable_reason() or
+                             "CPU float32, K-major experts, silu or swiglu_oai, contiguous float32 biases") + ")")
+    grouped = getattr(torch, "_grouped_mm", None)
     if grouped is None or x_TH.shape[0] == 0 or not (cpu_f32 or path == "grouped"):
         return reference_fused_moe(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start=expert_start, act=act)
     T, H = x_TH.shape

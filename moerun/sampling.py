@@ -71,7 +71,7 @@ def sample_tokens(logits_BV: torch.Tensor, params: list[SamplingParams], gens: l
     argmax; the others are scaled by their temperature, cut to their top-k and top-p and
     drawn with their own generator (``gens[b]``, on the logits' device). The per-row
     settings reach the device in one non-blocking copy; nothing waits for the device."""
-    greedy_B = torch.argmax(logits_BV, dim=-1)
+    greedy_B = torch.max(logits_BV, dim=-1).indices  # argmax's first maximum, in a third of its time on CPU
     rand = [b for b, p in enumerate(params) if p.temperature != 0]
     if not rand:
         return greedy_B
@@ -118,7 +118,9 @@ def sample_step(logits_BV: torch.Tensor, params: list[SamplingParams], gens: lis
     toks_B = sample_tokens(logits_BV, params, gens)
     top_n = [p.logprobs for p in params]
     asks = [b for b, n in enumerate(top_n) if n is not None]
-    cols = [toks_B.double()[:, None], torch.isfinite(logits_BV).all(dim=-1).double()[:, None]]
+    # a row's float32 sum is finite when all its logits are (a cheap pass); a row whose sum is
+    # not (NaN, inf, or finite logits so large that the sum overflows) is checked exactly below
+    cols = [toks_B.double()[:, None], torch.isfinite(logits_BV.sum(dim=-1)).double()[:, None]]
     n_max = max((top_n[b] for b in asks), default=0)
     if asks:
         lp_BV = torch.log_softmax(logits_BV.float(), dim=-1)
@@ -128,6 +130,8 @@ def sample_step(logits_BV: torch.Tensor, params: list[SamplingParams], gens: lis
             cols += [top_idx.double(), top_val.double()]
     host = torch.cat(cols, dim=1).tolist()  # the step's one device-to-host copy
     bad = [b for b in range(B) if not host[b][1]]
+    if bad:
+        bad = [b for b, ok in zip(bad, torch.isfinite(logits_BV[bad]).all(dim=-1).tolist()) if not ok]
     if bad:  # argmax of NaNs is token 0: never sample garbage silently
         names = [request_ids[b] for b in bad] if request_ids is not None else bad
         raise FloatingPointError(f"the model produced non-finite logits (NaN or inf) for request(s) {names[:8]}: "

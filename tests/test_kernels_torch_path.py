@@ -1,12 +1,19 @@
-"""``impl="torch"``'s fast paths on CPU (the gather-GEMV for few slots per expert,
+"""``impl="torch"``'s PyTorch fast paths on CPU (the gather-GEMV for few slots per expert,
 ``torch._grouped_mm`` otherwise) equal the readable reference and a float64 computation,
-on fresh random inputs, for both expert memory layouts."""
+on fresh random inputs, for both expert memory layouts. The C kernel, which takes the few-
+slot cases first where it is built, is switched off here (tests/test_kernels_cpu_ext.py
+covers it)."""
 import importlib
 
 import pytest
 import torch
 
 fm = importlib.import_module("moerun.kernels.fused_moe")
+
+
+@pytest.fixture(autouse=True)
+def no_c_kernel(monkeypatch):
+    monkeypatch.setattr(fm.cpu_ext, "available", lambda: False)
 
 
 def experts(n, H, F, layout):
@@ -90,6 +97,8 @@ def test_bad_path_is_refused():
     w13, w2 = experts(4, 8, 16, "standard")
     with pytest.raises(ValueError, match="K-major"):
         fm.torch_fused_moe(x, w13, w2, w, ids, path="gemv")
+    with pytest.raises(ValueError, match="path='ext' needs the CPU expert kernel"):
+        fm.torch_fused_moe(x, w13, w2, w, ids, path="ext")
     with pytest.raises(ValueError, match="path='fast'"):
         fm.torch_fused_moe(x, w13, w2, w, ids, path="fast")
 

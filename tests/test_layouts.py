@@ -53,6 +53,20 @@ def one_process_logprobs(model, prompts, n_new=8, top=5):
     return [got[rid] for rid in ids]
 
 
+def assert_same_top(top, wtop, tol, where):
+    """The top-n (id, logprob) lists agree: logprobs rank by rank within tol, and ids equal
+    except where candidates tie within tol (float32 sums in another order may swap them):
+    an id out of place sits at a rank of the other list with a logprob within tol of its
+    own, or at the last rank, where the other list's next candidate is not shown."""
+    assert len(top) == len(wtop), f"{where}: {len(top)} vs {len(wtop)} top logprobs"
+    assert max(abs(a - b) for (_, a), (_, b) in zip(top, wtop)) <= tol, f"{where}: top logprobs differ"
+    wlp = {t: lp for t, lp in wtop}
+    for rank, ((t, lp), (wt, _)) in enumerate(zip(top, wtop)):
+        if t != wt:
+            tie = abs(wlp[t] - lp) <= tol if t in wlp else rank == len(top) - 1
+            assert tie, f"{where}: top ids differ at rank {rank} ({[t for t, _ in top]} vs {[t for t, _ in wtop]})"
+
+
 CASES = [  # (model, tp, pp, ep, dp, prompts)
     pytest.param("tiny", 2, 1, 2, 1, 3, id="w2-tiny-tp2-ep2"),
     pytest.param("mixtral", 1, 2, 1, 1, 2, id="w2-mixtral-pp2-uneven"),
@@ -90,8 +104,7 @@ def test_layout_equals_one_process(model, tp, pp, ep, dp, n_prompts, hf_checkpoi
         assert got["outputs"][str(i)] == [t for t, _, _ in want], f"prompt {i} (seed {seed})"
         for step, ((lp, top), (_, wlp, wtop)) in enumerate(zip(got["logprobs"][str(i)], want)):
             assert abs(lp - wlp) <= 1e-4, f"prompt {i} step {step}: logprob {lp} vs {wlp}"
-            assert [t for t, _ in top] == [t for t, _ in wtop], f"prompt {i} step {step}: top-5 ids differ"
-            assert max(abs(a - b) for (_, a), (_, b) in zip(top, wtop)) <= 1e-4
+            assert_same_top(top, wtop, 1e-4, f"prompt {i} step {step}")
 
 
 def test_generate_cli_under_torchrun_matches_one_process(hf_checkpoint, tmp_path):

@@ -75,6 +75,20 @@ def test_non_finite_logits_name_the_request():
     assert sample_step(torch.zeros(0, 16), [], []) == []
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_only_rows_with_non_finite_logits_are_refused(bad):
+    """Finite logits whose float32 row sum overflows are not refused; any inf or NaN is."""
+    logits = torch.full((4, 8), 3e38)
+    logits[2] = torch.randn(8)
+    logits[1, 3] = bad
+    logits[3, 0] = -3e38
+    with pytest.raises(FloatingPointError, match=r"for request\(s\) \['b'\]"):
+        sample_step(logits, [SamplingParams()] * 4, [None] * 4, request_ids=["a", "b", "c", "d"])
+    rows = [0, 2, 3]
+    got = sample_step(logits[rows], [SamplingParams()] * 3, [None] * 3)
+    assert [t for t, _, _ in got] == logits[rows].argmax(-1).tolist()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_sampler_is_batch_independent_and_greedy_exact():
     dev = torch.device("cuda")

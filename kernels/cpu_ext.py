@@ -1,0 +1,143 @@
+"""The C kernel of the CPU expert path (``csrc/moe_cpu.c``), built at first use and loaded
+with ctypes; optional: without a C compiler (or with ``MOERUN_CPU_EXT=0``) ``available()`` is
+False and ``torch_fused_moe`` keeps its PyTorch paths.
+
+    from moerun.kernels import cpu_ext
+    if cpu_ext.available():
+        out_TH = cpu_ext.moe_experts(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start, act)
+
+Build: ``$CC`` (default ``cc``) ``-O3 -march=native -fopenmp -shared`` into
+``$MOERUN_CACHE_DIR`` (default ``~/.cache/moerun``)/``moe_cpu-<hash>.so``, the hash over the
+source, the compiler command and its version, and the CPU's model and flags, so a changed
+file, compiler or machine builds afresh. Each builder writes its own temporary file and
+renames it into place, so ranks starting together on one host cannot read a half-written
+library. The library links libgomp by its soname, which resolves to the copy PyTorch has
+already loaded: its parallel regions run on PyTorch's OpenMP threads, as many as
+``torch.get_num_threads()``.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("moerun.kernels")
+
+SOURCE = Path(__file__).with_name("csrc") / "moe_cpu.c"
+_ACT_CODES = {"silu": 0, "swiglu_oai": 1}
+_lib = None
+_error: str | None = None  # why the library is not available, once tried
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            keep = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(keep)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _compiler() -> list[str] | None:
+    cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    return cc.split() if cc else None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MOERUN_CACHE_DIR") or Path.home() / ".cache" / "moerun")
+
+
+def _build() -> Path:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+    version = subprocess.run(cc + ["--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(cc + flags), version,
+                                    _cpu_signature()]).encode()).hexdigest()[:16]
+    out = cache_dir() / f"moe_cpu-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run(cc + flags + ["-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"{' '.join(cc)} failed on {SOURCE.name}: {res.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _load():
+    global _lib, _error
+    if _lib is not None or _error is not None:
+        return _lib
+    if os.environ.get("MOERUN_CPU_EXT", "1") == "0":
+        _error = "off (MOERUN_CPU_EXT=0)"
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+        fn = lib.moe_experts_f32
+        P, I, Fl = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+        fn.argtypes = [P, I, I, I, P, P, I, I, I, P, P, P, P, ctypes.c_int, Fl, Fl, P]
+        fn.restype = ctypes.c_int
+        _lib = lib
+    except Exception as exc:  # no compiler, a failed build or load: the PyTorch paths remain
+        _error = f"{type(exc).__name__}: {exc}"
+        log.warning("CPU expert kernel unavailable, using the PyTorch path: %s", _error)
+    return _lib
+
+
+def available() -> bool:
+    """Whether the C kernel is built and loaded (builds it on the first call)."""
+    return _load() is not None
+
+
+def unavailable_reason() -> str | None:
+    _load()
+    return _error
+
+
+def supports(x_TH, w13_EFH, w2_EHF, act) -> bool:
+    """Inputs the kernel takes: CPU float32, K-major experts (``w.transpose(1, 2)``
+    contiguous, the model's layout), an activation it knows, contiguous float32 biases."""
+    if x_TH.device.type != "cpu" or x_TH.dtype != torch.float32 or act.kind not in _ACT_CODES:
+        return False
+    if not (w13_EFH.transpose(1, 2).is_contiguous() and w2_EHF.transpose(1, 2).is_contiguous()):
+        return False
+    return all(b is None or (b.dtype == torch.float32 and b.is_contiguous()) for b in (act.w13_bias, act.w2_bias))
+
+
+def moe_experts(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start, act) -> torch.Tensor:
+    """``reference_fused_moe``'s result from one C call (caller checked ``supports``)."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"the CPU expert kernel is not available: {_error}")
+    x = x_TH.contiguous()
+    T, H = x.shape
+    E, F = w13_EFH.shape[0], w13_EFH.shape[1] // 2
+    K = ids_TK.shape[1]
+    ids = ids_TK.contiguous().long()
+    w = weights_TK.contiguous().float()
+    out = torch.empty((T, H), dtype=torch.float32)
+    b13, b2 = act.w13_bias, act.w2_bias
+    rc = lib.moe_experts_f32(x.data_ptr(), T, H, F, ids.data_ptr(), w.data_ptr(), K, expert_start, E,
+                             w13_EFH.data_ptr(), w2_EHF.data_ptr(),
+                             None if b13 is None else b13.data_ptr(), None if b2 is None else b2.data_ptr(),
+                             _ACT_CODES[act.kind], float(act.alpha), float(act.limit), out.data_ptr())
+    if rc != 0:
+        raise MemoryError(f"the CPU expert kernel could not allocate its scratch (T={T}, H={H}, F={F})")
+    return out
+

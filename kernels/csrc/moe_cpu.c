@@ -1,0 +1,200 @@
+/* Fused MoE experts for CPU float32, for steps with few token-slots per expert (decode).
+ *
+ * One call per MoE layer does what kernels/fused_moe.py's reference does:
+ *   out[t] = sum over t's local choices j of  w[t, j] * (W2[e] @ act(W13[e] @ x[t] + b13[e]) + b2[e])
+ * on the weights as the model stores them, K-major:
+ *   w13 [E][H][2F]  (row h: gate outputs [0, F), up outputs [F, 2F)),   w2 [E][F][H].
+ *
+ * At a few slots per expert the step is a stream of the routed experts' weights, and that is
+ * the whole cost: each routed expert's W13 and W2 are read from memory once, front to back,
+ * by one thread (experts are handed out dynamically, so the two streams of a 2-core machine
+ * never share an expert). A GEMM over the K-major rows is a sum of scaled rows
+ * (acc[m][:] += x[m][k] * W[k][:]), RB rows at a time, so the accumulators (one row per
+ * slot, in L1) are loaded and stored once per RB weight rows.
+ *
+ * Threads: OpenMP. Built against the libgomp that PyTorch loads (same soname), so this file's
+ * parallel regions share PyTorch's thread pool and its thread count (torch.set_num_threads).
+ *
+ * Built at first use by kernels/cpu_ext.py (gcc -O3 -march=native -fopenmp); when no compiler
+ * is found the PyTorch path runs instead.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#define MB 8 /* slots of one expert per pass over its weights */
+
+enum { ACT_SILU = 0, ACT_SWIGLU_OAI = 1 };
+
+#define RB 8 /* weight rows per accumulator round trip */
+
+/* acc[m][0:N] += sum_k a[m][k] * W[k][0:N] for m < M (W row-major [Kd][N]), RB rows of W at
+ * a time: each accumulator element is loaded and stored once per RB rows. */
+static void rows_gemm(const float *const *a, int M, const float *W, int64_t Kd, int64_t N,
+                      float *const *acc) {
+    int64_t k = 0;
+#if defined(__AVX512F__)
+    /* the RB weight vectors of a column block are loaded once for all M slots */
+    if (N % 16 == 0) {
+        for (; k + RB <= Kd; k += RB) {
+            const float *w = W + k * N;
+            float xs[MB][RB];
+            for (int m = 0; m < M; ++m)
+                for (int r = 0; r < RB; ++r) xs[m][r] = a[m][k + r];
+            for (int64_t n = 0; n < N; n += 16) {
+                __m512 wr[RB];
+                for (int r = 0; r < RB; ++r) wr[r] = _mm512_loadu_ps(w + r * N + n);
+                for (int m = 0; m < M; ++m) {
+                    __m512 v = _mm512_loadu_ps(acc[m] + n);
+                    for (int r = 0; r < RB; ++r) v = _mm512_fmadd_ps(_mm512_set1_ps(xs[m][r]), wr[r], v);
+                    _mm512_storeu_ps(acc[m] + n, v);
+                }
+            }
+        }
+    }
+#endif
+    for (; k + RB <= Kd; k += RB) {
+        const float *w = W + k * N;
+        for (int m = 0; m < M; ++m) {
+            float xs[RB];
+            for (int r = 0; r < RB; ++r) xs[r] = a[m][k + r];
+            float *restrict o = acc[m];
+#pragma omp simd
+            for (int64_t n = 0; n < N; ++n) {
+                float v = o[n];
+                for (int r = 0; r < RB; ++r) v += xs[r] * w[r * N + n];
+                o[n] = v;
+            }
+        }
+    }
+    for (; k < Kd; ++k) {
+        const float *w0 = W + k * N;
+        for (int m = 0; m < M; ++m) {
+            const float x0 = a[m][k];
+            float *restrict o = acc[m];
+#pragma omp simd
+            for (int64_t n = 0; n < N; ++n) o[n] = o[n] + x0 * w0[n];
+        }
+    }
+}
+
+/* Returns 0, or -1 when scratch memory could not be allocated (nothing written then). */
+int moe_experts_f32(const float *x, int64_t T, int64_t H, int64_t F,
+                    const int64_t *ids, const float *weights, int64_t K,
+                    int64_t expert_start, int64_t E,
+                    const float *w13, const float *w2, const float *b13, const float *b2,
+                    int act, float alpha, float limit, float *out) {
+    const int64_t S = T * K;
+    int64_t *count = calloc((size_t)E + 1, sizeof(int64_t));
+    int64_t *order = malloc((size_t)(S > 0 ? S : 1) * sizeof(int64_t)); /* slots by expert */
+    int64_t *pos = malloc((size_t)(S > 0 ? S : 1) * sizeof(int64_t));   /* slot -> row of y */
+    float *y = malloc((size_t)(S > 0 ? S : 1) * (size_t)H * sizeof(float));
+    int64_t *work = malloc((size_t)(S > 0 ? S : 1) * 2 * sizeof(int64_t));
+    if (!count || !order || !pos || !y || !work) {
+        free(count); free(order); free(pos); free(y); free(work);
+        return -1;
+    }
+    /* counting sort of the local slots by expert (stable: slot order within an expert) */
+    for (int64_t s = 0; s < S; ++s) {
+        const int64_t e = ids[s] - expert_start;
+        if (e >= 0 && e < E) count[e + 1]++;
+    }
+    for (int64_t e = 0; e < E; ++e) count[e + 1] += count[e];
+    int64_t nwork = 0;
+    for (int64_t e = 0; e < E; ++e) /* work items: (first row, rows), at most MB rows each */
+        for (int64_t r = count[e]; r < count[e + 1]; r += MB) {
+            work[2 * nwork] = r;
+            work[2 * nwork + 1] = (count[e + 1] - r < MB) ? count[e + 1] - r : MB;
+            nwork++;
+        }
+    {
+        int64_t *fill = malloc((size_t)E * sizeof(int64_t));
+        if (!fill) {
+            free(count); free(order); free(pos); free(y); free(work);
+            return -1;
+        }
+        memcpy(fill, count, (size_t)E * sizeof(int64_t));
+        for (int64_t s = 0; s < S; ++s) {
+            const int64_t e = ids[s] - expert_start;
+            if (e >= 0 && e < E) {
+                pos[s] = fill[e];
+                order[fill[e]++] = s;
+            } else {
+                pos[s] = -1;
+            }
+        }
+        free(fill);
+    }
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *gu = aligned_alloc(64, ((size_t)MB * 2 * F * sizeof(float) + 63) / 64 * 64);
+        float *hb = aligned_alloc(64, ((size_t)MB * F * sizeof(float) + 63) / 64 * 64);
+        if (!gu || !hb) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < nwork; ++i) {
+            if (!gu || !hb) continue;
+            const int64_t r0 = work[2 * i], M = work[2 * i + 1];
+            const int64_t e = ids[order[r0]] - expert_start;
+            const float *xa[MB];
+            float *ga[MB], *ha[MB], *ya[MB];
+            for (int64_t m = 0; m < M; ++m) {
+                xa[m] = x + (order[r0 + m] / K) * H;
+                ga[m] = gu + m * 2 * F;
+                ha[m] = hb + m * F;
+                ya[m] = y + (r0 + m) * H;
+                if (b13) memcpy(ga[m], b13 + e * 2 * F, (size_t)(2 * F) * sizeof(float));
+                else memset(ga[m], 0, (size_t)(2 * F) * sizeof(float));
+                if (b2) memcpy(ya[m], b2 + e * H, (size_t)H * sizeof(float));
+                else memset(ya[m], 0, (size_t)H * sizeof(float));
+            }
+            rows_gemm(xa, (int)M, w13 + e * H * 2 * F, H, 2 * F, ga);
+            for (int64_t m = 0; m < M; ++m) {
+                const float *g = ga[m], *u = ga[m] + F;
+                float *h = ha[m];
+                if (act == ACT_SWIGLU_OAI) {
+                    for (int64_t f = 0; f < F; ++f) {
+                        const float gc = g[f] < limit ? g[f] : limit;
+                        const float uc = u[f] < -limit ? -limit : (u[f] > limit ? limit : u[f]);
+                        h[f] = gc / (1.0f + expf(-alpha * gc)) * (uc + 1.0f);
+                    }
+                } else {
+                    for (int64_t f = 0; f < F; ++f) h[f] = g[f] / (1.0f + expf(-g[f])) * u[f];
+                }
+            }
+            rows_gemm((const float *const *)ha, (int)M, w2 + e * F * H, F, H, ya);
+            for (int64_t m = 0; m < M; ++m) {
+                const float wt = weights[order[r0 + m]];
+                float *restrict o = ya[m];
+#pragma omp simd
+                for (int64_t n = 0; n < H; ++n) o[n] *= wt;
+            }
+        }
+        free(gu);
+        free(hb);
+        /* the top-k sum, in choice order; a token with no local choice gets zeros */
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; ++t) {
+            if (failed) continue;
+            float *restrict o = out + t * H;
+            memset(o, 0, (size_t)H * sizeof(float));
+            for (int64_t j = 0; j < K; ++j) {
+                const int64_t p = pos[t * K + j];
+                if (p < 0) continue;
+                const float *restrict v = y + p * H;
+#pragma omp simd
+                for (int64_t n = 0; n < H; ++n) o[n] += v[n];
+            }
+        }
+    }
+    free(count); free(order); free(pos); free(y); free(work);
+    return failed ? -1 : 0;
+}
+

@@ -1,0 +1,153 @@
+"""The C expert kernel of the CPU path (kernels/csrc/moe_cpu.c via kernels/cpu_ext.py)
+equals the readable reference and a float64 computation on fresh random inputs: both
+activations, expert biases, expert-parallel slices, widths on and off the 16-float vector
+path, experts with more slots than one pass takes; and it is optional: without a compiler the
+PyTorch paths run."""
+import importlib
+
+import pytest
+import torch
+
+from moerun.kernels import ExpertAct
+
+fm = importlib.import_module("moerun.kernels.fused_moe")
+cpu_ext = importlib.import_module("moerun.kernels.cpu_ext")
+
+needs_ext = pytest.mark.skipif(not cpu_ext.available(), reason=f"no C kernel: {cpu_ext.unavailable_reason()}")
+
+
+def experts(n, H, F):
+    """K-major w13 [n, 2F, H] and w2 [n, H, F], the model's layout."""
+    return (torch.randn(n, H, 2 * F) * 0.2).transpose(1, 2), (torch.randn(n, F, H) * 0.2).transpose(1, 2)
+
+
+def float64_moe(x, w13, w2, weights, ids, start, act):
+    T, H = x.shape
+    n, F = w13.shape[0], w13.shape[1] // 2
+    want = torch.zeros(T, H, dtype=torch.float64)
+    for t in range(T):
+        for k in range(ids.shape[1]):
+            e = int(ids[t, k]) - start
+            if not 0 <= e < n:
+                continue
+            gu = w13[e].double() @ x[t].double()
+            if act.w13_bias is not None:
+                gu = gu + act.w13_bias[e].double()
+            g, u = gu[:F], gu[F:]
+            if act.kind == "silu":
+                h = torch.nn.functional.silu(g) * u
+            else:
+                g, u = g.clamp(max=act.limit), u.clamp(-act.limit, act.limit)
+                h = g * torch.sigmoid(act.alpha * g) * (u + 1)
+            y = w2[e].double() @ h
+            if act.w2_bias is not None:
+                y = y + act.w2_bias[e].double()
+            want[t] += weights[t, k].double() * y
+    return want
+
+
+def routing(T, K, E_total, hot=None):
+    ids = torch.stack([torch.randperm(E_total)[:K] for _ in range(T)]) if T else torch.zeros(0, K, dtype=torch.long)
+    if hot is not None and T:  # many slots on one expert: more than one pass of the kernel
+        ids[:, 0] = hot
+    return torch.rand(T, K), ids.to(torch.int32)
+
+
+@needs_ext
+@pytest.mark.parametrize("T, K, E, start, n, H, F", [
+    (0, 2, 8, 0, 8, 32, 48),
+    (1, 2, 8, 0, 8, 32, 48),
+    (13, 3, 8, 0, 8, 48, 40),       # H = 48: the vector path; F = 40 (2F = 80): its 16-float steps
+    (9, 2, 16, 4, 4, 24, 20),       # an EP slice: experts 4..7 of 16, widths off the vector path
+    (40, 1, 6, 0, 6, 16, 8),        # ~7 slots per expert, 8 + rows per pass elsewhere
+    (5, 4, 12, 8, 4, 37, 11),       # odd widths, most choices on other ranks
+])
+@pytest.mark.parametrize("kind", ["silu", "swiglu_oai", "swiglu_oai+bias", "silu+bias"])
+def test_c_kernel_equals_reference_and_float64(T, K, E, start, n, H, F, kind):
+    w13, w2 = experts(n, H, F)
+    bias = kind.endswith("+bias")
+    act = ExpertAct(kind=kind.split("+")[0], alpha=1.3, limit=0.4,
+                    w13_bias=torch.randn(n, 2 * F) * 0.3 if bias else None,
+                    w2_bias=torch.randn(n, H) * 0.3 if bias else None)
+    weights, ids = routing(T, K, E, hot=start if T > 20 else None)
+    x = torch.randn(T, H)
+    out = fm.torch_fused_moe(x, w13, w2, weights, ids, expert_start=start, path="ext", act=act)
+    ref = fm.reference_fused_moe(x, w13, w2, weights, ids, expert_start=start, act=act)
+    assert out.shape == (T, H) and out.dtype == torch.float32 and not out.isnan().any()
+    if T:
+        assert (out - ref).abs().max().item() <= 1e-5
+        assert (out.double() - float64_moe(x, w13, w2, weights, ids, start, act)).abs().max().item() <= 1e-5
+
+
+@needs_ext
+def test_c_kernel_results_do_not_depend_on_threads():
+    """Each slot is computed by one thread in a fixed order, so 1 and 2 threads agree bit for bit."""
+    w13, w2 = experts(8, 64, 96)
+    weights, ids = routing(30, 2, 8)
+    x = torch.randn(30, 64)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(fm.torch_fused_moe(x, w13, w2, weights, ids, path="ext"))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
+
+
+@needs_ext
+def test_auto_choice_takes_the_c_kernel_for_few_slots(monkeypatch):
+    calls = []
+    real = cpu_ext.moe_experts
+    monkeypatch.setattr(cpu_ext, "moe_experts", lambda *a: calls.append(1) or real(*a))
+    E, K, H, F = 4, 2, 16, 32
+    w13, w2 = experts(E, H, F)
+    for T, ext in ((1, True), (fm.GEMV_MAX_SLOTS_PER_EXPERT * E // K - 1, True),
+                   (fm.GEMV_MAX_SLOTS_PER_EXPERT * E // K, False)):
+        calls.clear()
+        weights, ids = routing(T, K, E)
+        x = torch.randn(T, H)
+        out = fm.torch_fused_moe(x, w13, w2, weights, ids)
+        assert bool(calls) == ext, T
+        assert (out - fm.reference_fused_moe(x, w13, w2, weights, ids)).abs().max().item() <= 1e-5
+    # layouts and dtypes it does not take go to the PyTorch paths
+    calls.clear()
+    weights, ids = routing(3, K, E)
+    std13, std2 = w13.contiguous(), w2.contiguous()
+    x = torch.randn(3, H)
+    out = fm.torch_fused_moe(x, std13, std2, weights, ids)
+    assert not calls and (out - fm.reference_fused_moe(x, std13, std2, weights, ids)).abs().max().item() <= 1e-5
+
+
+def test_without_a_compiler_the_pytorch_path_runs(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_ext, "_lib", None)
+    monkeypatch.setattr(cpu_ext, "_error", None)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("MOERUN_CACHE_DIR", str(tmp_path / "cache"))
+    assert not cpu_ext.available()
+    assert "no-such-cc" in cpu_ext.unavailable_reason()
+    w13, w2 = experts(4, 16, 8)
+    weights, ids = routing(3, 2, 4)
+    x = torch.randn(3, 16)
+    out = fm.torch_fused_moe(x, w13, w2, weights, ids)
+    assert (out - fm.reference_fused_moe(x, w13, w2, weights, ids)).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="no-such-cc"):
+        fm.torch_fused_moe(x, w13, w2, weights, ids, path="ext")
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setattr(cpu_ext, "_lib", None)
+    monkeypatch.setattr(cpu_ext, "_error", None)
+    monkeypatch.setenv("MOERUN_CPU_EXT", "0")
+    assert not cpu_ext.available() and "MOERUN_CPU_EXT=0" in cpu_ext.unavailable_reason()
+
+
+@needs_ext
+def test_a_fresh_cache_builds_the_library(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_ext, "_lib", None)
+    monkeypatch.setattr(cpu_ext, "_error", None)
+    monkeypatch.setenv("MOERUN_CACHE_DIR", str(tmp_path))
+    assert cpu_ext.available()
+    built = list(tmp_path.glob("moe_cpu-*.so"))
+    assert len(built) == 1 and list(tmp_path.iterdir()) == built  # no temporary file left behind
