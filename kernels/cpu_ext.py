@@ -8,7 +8,7 @@ False and ``torch_fused_moe`` keeps its PyTorch paths.
 
 Build: ``$CC`` (default ``cc``) ``-O3 -march=native -fopenmp -shared`` into
 ``$MOERUN_CACHE_DIR`` (default ``~/.cache/moerun``)/``moe_cpu-<hash>.so``, the hash over the
-source, the compiler command and its version, and the CPU's model and flags, so a changed
+source, the compiler command and its binary (path, size, mtime), and the CPU's model and flags, so a changed
 file, compiler or machine builds afresh. Each builder writes its own temporary file and
 renames it into place, so ranks starting together on one host cannot read a half-written
 library. The library links libgomp by its soname, which resolves to the copy PyTorch has
@@ -60,9 +60,12 @@ def _build() -> Path:
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
     flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
-    version = subprocess.run(cc + ["--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(cc + flags), version,
-                                    _cpu_signature()]).encode()).hexdigest()[:16]
+    exe = shutil.which(cc[0])
+    if exe is None:
+        raise RuntimeError(f"the C compiler {cc[0]!r} was not found (set CC, or install gcc)")
+    st = os.stat(exe)  # the compiler's identity without running it (a cached load spawns nothing)
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(cc + flags), os.path.realpath(exe),
+                                    f"{st.st_size}:{st.st_mtime_ns}", _cpu_signature()]).encode()).hexdigest()[:16]
     out = cache_dir() / f"moe_cpu-{key}.so"
     if out.exists():
         return out

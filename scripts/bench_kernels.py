@@ -6,8 +6,9 @@
     python scripts/bench_kernels.py --router   # route()'s modes, Triton vs torch (GPU only)
 
 CPU (no CUDA GPU, or --cpu): the torch paths of ``fused_moe`` in float32 on the ``tiny``
-preset's expert shapes (E = 64, H = 128, F = 256, top-2): the per-expert loop,
-``torch._grouped_mm``, the gather-GEMV, and the automatic choice, over a stack of 16
+preset's expert shapes (E = 64, H = 128, F = 256, top-2; ``--cpu-shape cpu-1024``: H = F =
+1024, 4 layers): the per-expert loop, ``torch._grouped_mm``, the gather-GEMV, the automatic
+choice and the C kernel (``kernels/csrc/moe_cpu.c``, when it builds), over a stack of 16
 layers' experts (as in a forward pass, so weights come from memory, not cache), next to the
 memory bandwidth this CPU reaches streaming the same bytes (a sum over them), all timed
 with perf_counter in this run (median of --iters passes over the 16 layers).
@@ -44,10 +45,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 try:
-    from moerun.kernels import fused_moe, reference_moe_loop, route
+    from moerun.kernels import cpu_ext, fused_moe, reference_moe_loop, route
     from moerun.kernels.fused_moe import torch_fused_moe
 except ImportError:  # run from a checkout without `pip install -e .`
-    from kernels import fused_moe, reference_moe_loop, route
+    from kernels import cpu_ext, fused_moe, reference_moe_loop, route
     from kernels.fused_moe import torch_fused_moe
 
 
@@ -137,7 +138,7 @@ def cpu_time_ms(fn, iters: int) -> float:
 
 def cpu_main(args) -> int:
     """The CPU table: fused_moe's torch paths on the tiny preset's shapes (module docstring)."""
-    E, H, F, k, layers = 64, 128, 256, 2, 16
+    E, H, F, k, layers = (64, 1024, 1024, 2, 4) if args.cpu_shape == "cpu-1024" else (64, 128, 256, 2, 16)
     tokens = args.tokens or ([1, 32, 512] if args.quick else [1, 8, 32, 128, 512, 2048])
     iters = 3 if args.quick else min(args.iters, 7)
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
@@ -150,12 +151,16 @@ def cpu_main(args) -> int:
           f"{datetime.date.today()}, torch {torch.__version__}")
     print(f"# E={E} H={H} F={F} top-{k} float32, {layers} layers' experts ({weight_bytes / 2**20:.0f} MiB); "
           f"streaming them (a sum) measured {stream_gbps:.1f} GB/s")
-    print("# ms = one pass over the 16 layers; GB/s = bytes of the experts that got a slot / time")
+    print(f"# ms = one pass over the {layers} layers; GB/s = bytes of the experts that got a slot / time")
     impls = {"torch loop (per expert)": reference_moe_loop,
              "torch._grouped_mm": lambda *a: torch_fused_moe(*a, path="grouped"),
              "gather-GEMV": lambda *a: torch_fused_moe(*a, path="gemv"),
              "fused_moe impl=torch (auto)": lambda *a: fused_moe(*a, impl="torch")}
-    cols = ("T", "slots/expert", "impl", "ms (16 layers)", "GB/s", "% of stream", "vs loop", "max_rel_err")
+    if cpu_ext.available():
+        impls["C kernel (csrc/moe_cpu.c)"] = lambda *a: torch_fused_moe(*a, path="ext")
+    else:
+        print(f"# the C kernel is not available ({cpu_ext.unavailable_reason()}): its row is skipped")
+    cols = ("T", "slots/expert", "impl", f"ms ({layers} layers)", "GB/s", "% of stream", "vs loop", "max_rel_err")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for T in tokens:
@@ -224,6 +229,8 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-loop", action="store_true", help="skip the per-expert loop baseline")
     p.add_argument("--cpu", action="store_true", help="the CPU table even when a GPU is visible")
+    p.add_argument("--cpu-shape", choices=("tiny", "cpu-1024"), default="tiny",
+                   help="the CPU table's expert shapes: the tiny preset's (16 layers) or cpu-1024's (4 layers)")
     p.add_argument("--router", action="store_true", help="the router table (route() modes; GPU only)")
     args = p.parse_args(argv)
     if args.router:

@@ -65,8 +65,9 @@ def check_schema(summary: dict, world: int) -> None:
 
 
 def test_phases_add_up_to_each_step_and_other_is_small():
-    model = build_model("tiny")  # 16 layers: enough work per step that Python glue stays small
-    engine, _ = run(model, True)
+    model = build_model("tiny")  # 16 layers, 12 sequences: enough work per step that Python glue stays small
+    prompts = PROMPTS * 4
+    engine, _ = run(model, True, prompts)
     prof = engine.worker.prof
     assert prof.num_steps == engine.tick == len(prof.steps)
     for tick, rank, stage, tokens, phases, wall in prof.steps:
@@ -75,8 +76,11 @@ def test_phases_add_up_to_each_step_and_other_is_small():
     rep = engine.worker.profile_report()
     covered = sum(rep["phases_s"].values())
     assert covered + rep["other_s"] == pytest.approx(rep["wall_s"], rel=1e-9, abs=1e-9)
-    assert rep["other_s"] < 0.10 * rep["wall_s"], rep
-    assert sum(s[3] for s in prof.steps) == sum(len(p) + NEW - 1 for p in PROMPTS)  # every token fed once
+    # other = Python glue between the phases, a fixed cost per layer: 9-10% of this tiny run on
+    # the 2-core CI machine since the C expert kernel (the experts alone are ~30%, so a phase
+    # left unmeasured would show far above the bound)
+    assert rep["other_s"] < 0.15 * rep["wall_s"], rep
+    assert sum(s[3] for s in prof.steps) == sum(len(p) + NEW - 1 for p in prompts)  # every token fed once
     for tick, start, wall, names, offs, durs in prof.timeline:  # the trace's segments follow one another
         ends = [off + d for off, d in zip(offs, durs)]
         assert all(b >= a_end - 1e-9 for a_end, b in zip(ends, offs[1:])) and max(ends) <= wall + 1e-6

@@ -249,14 +249,14 @@ def test_max_waiting_and_drain(checkpoint):
         while not s.metric("num_requests_waiting"):
             assert time.time() < t_end
             time.sleep(0.05)
-        r = httpx.post(s.url + "/v1/completions", json=body)
+        r = httpx.post(s.url + "/v1/completions", json=body, timeout=60)  # a loaded CI machine may take > 5 s
         assert r.status_code == 503 and "--max-waiting" in r.json()["error"]["message"]
         s.procs[0].send_signal(signal.SIGTERM)
         t_end = time.time() + 10
         while httpx.get(s.url + "/health").status_code != 503:
             assert time.time() < t_end
             time.sleep(0.05)
-        assert httpx.post(s.url + "/v1/completions", json=body).status_code == 503
+        assert httpx.post(s.url + "/v1/completions", json=body, timeout=60).status_code == 503
         assert first.result().status_code == 200 and second.result().status_code == 200
         assert first.result().json()["usage"]["completion_tokens"] == 300
     assert s.procs[0].wait(timeout=60) == 0
