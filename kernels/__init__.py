@@ -17,6 +17,7 @@ per-expert loop baseline), dispatch.py (dispatch / combine around the EP all-to-
 moe_config.py (tuned tiles in configs/), attention.py (paged_attention over the KV cache's
 block tables), _common.py (triton guard, impl choice).
 """
+from . import cpu_ext
 from ._common import HAS_TRITON, INTERPRETED, get_default_impl, set_default_impl, uses_triton
 from .align import moe_align, reference_moe_align
 from .attention import paged_attention, reference_paged_attention
@@ -27,7 +28,7 @@ from .moe_config import MoeTileConfig
 from .router import SCORINGS, reference_route, reference_topk_softmax, route, topk_softmax
 
 __all__ = [
-    "ACTIVATIONS", "HAS_TRITON", "INTERPRETED", "DispatchMeta", "ExpertAct", "MoeTileConfig",
+    "ACTIVATIONS", "HAS_TRITON", "cpu_ext", "INTERPRETED", "DispatchMeta", "ExpertAct", "MoeTileConfig",
     "combine", "contiguous_expert_ranks", "dispatch", "fused_moe", "get_default_impl",
     "moe_align", "paged_attention", "route", "set_default_impl", "topk_softmax", "uses_triton", "SCORINGS",
     "reference_combine", "reference_dispatch", "reference_fused_moe", "reference_moe_align",

@@ -5,6 +5,8 @@ False and ``torch_fused_moe`` keeps its PyTorch paths.
     from moerun.kernels import cpu_ext
     if cpu_ext.available():
         out_TH = cpu_ext.moe_experts(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start, act)
+        out_TND = cpu_ext.paged_attention(q_TND, k_cache, v_cache, table_BP, cu_q_B1, pos_T, max_len,
+                                          scale=D ** -0.5, write=(slot_T, k_TND, v_TND))
 
 Build: ``$CC`` (default ``cc``) ``-O3 -march=native -fopenmp -shared`` into
 ``$MOERUN_CACHE_DIR`` (default ``~/.cache/moerun``)/``moe_cpu-<hash>.so``, the hash over the
@@ -96,6 +98,9 @@ def _load():
         P, I, Fl = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
         fn.argtypes = [P, I, I, I, P, P, I, I, I, P, P, P, P, ctypes.c_int, Fl, Fl, P]
         fn.restype = ctypes.c_int
+        att = lib.paged_attention_f32
+        att.argtypes = [P, I, I, I, P, P, I, I, P, P, P, P, I, I, P, P, I, Fl, I, P, P]
+        att.restype = ctypes.c_int
         _lib = lib
     except Exception as exc:  # no compiler, a failed build or load: the PyTorch paths remain
         _error = f"{type(exc).__name__}: {exc}"
@@ -144,3 +149,45 @@ def moe_experts(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start, act) ->
         raise MemoryError(f"the CPU expert kernel could not allocate its scratch (T={T}, H={H}, F={F})")
     return out
 
+
+
+def attention_supports(q_TND, k_cache, v_cache, sinks_N=None) -> bool:
+    """Inputs ``paged_attention`` takes: CPU float32, contiguous caches [blocks, block_size,
+    N_kv, D], N_q a multiple of N_kv with at most 64 query heads per KV head."""
+    if q_TND.device.type != "cpu" or q_TND.dtype != torch.float32 or k_cache.dtype != torch.float32:
+        return False
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or v_cache.shape != k_cache.shape:
+        return False
+    Nq, Nkv = q_TND.shape[1], k_cache.shape[2]
+    return Nq % Nkv == 0 and Nq // Nkv <= 64 and (sinks_N is None or sinks_N.dtype == torch.float32)
+
+
+def paged_attention(q_TND, k_cache, v_cache, table_BP, cu_q_B1, pos_T, max_len: int, *, scale: float,
+                    window: int = 0, sinks_N=None, write=None) -> torch.Tensor:
+    """``kernels.paged_attention``'s result (same arguments; ``max_len`` = the longest
+    sequence's length after this step) from one C call. ``write = (slot_T, k_TND, v_TND)``
+    first stores the step's new keys and values in their flat cache slots (what
+    ``KVCache.write`` does). The caller checked ``attention_supports``."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"the CPU kernels are not available: {_error}")
+    q = q_TND.contiguous()
+    T, Nq, D = q.shape
+    Nkv, block_size = k_cache.shape[2], k_cache.shape[1]
+    out = torch.empty((T, Nq, D), dtype=torch.float32)
+    table = table_BP.contiguous().long()
+    cu = cu_q_B1.contiguous().long()
+    pos = pos_T.contiguous().long()
+    if write is not None:
+        slot, k_new, v_new = write[0].contiguous().long(), write[1].contiguous(), write[2].contiguous()
+        wk, wv, ws = k_new.data_ptr(), v_new.data_ptr(), slot.data_ptr()
+    else:
+        wk = wv = ws = None
+    sinks = None if sinks_N is None else sinks_N.detach().contiguous()
+    rc = lib.paged_attention_f32(q.data_ptr(), T, Nq, D, k_cache.data_ptr(), v_cache.data_ptr(), block_size, Nkv,
+                                 wk, wv, ws, table.data_ptr(), table.shape[0], table.shape[1], cu.data_ptr(),
+                                 pos.data_ptr(), max_len, float(scale), int(window),
+                                 None if sinks is None else sinks.data_ptr(), out.data_ptr())
+    if rc != 0:
+        raise MemoryError(f"the CPU attention kernel could not allocate its scratch (max_len={max_len})")
+    return out

@@ -186,3 +186,50 @@ def test_paged_attention_gpu_model_sizes(seed, Nq, Nkv, D, case, num_splits):
                                       scale=D ** -0.5)
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2,
                                msg=lambda m: f"seed={seed} {m}")
+
+
+cpu_ext = K.cpu_ext
+needs_c_kernel = pytest.mark.skipif(not cpu_ext.available(), reason=f"no C kernel: {cpu_ext.unavailable_reason()}")
+
+
+@needs_c_kernel
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("heads,block_size,window,D,sinks", [
+    ("gqa", 16, 0, 16, False), ("mqa", 32, 0, 16, True), ("mha", 16, 5, 24, False), ("g3", 32, 0, 16, False),
+    ("gqa", 32, 7, 16, True), ("gqa", 16, 0, 37, False)])
+def test_cpu_c_attention_equals_reference_and_float64(seed, case, heads, block_size, window, D, sinks):
+    """The CPU C kernel (kernels/csrc/moe_cpu.c) on the same cases: it first writes the step's
+    new K/V into their slots, then attends; the references read the cache written by hand."""
+    starts, lens = CASES[case]
+    Nq, Nkv = HEADS[heads]
+    q, k_cache, v_cache, table, cu_q, pos = (t.cpu() for t in make_case(starts, lens, Nq, Nkv, D, block_size,
+                                                                         torch.float32))
+    T = q.shape[0]
+    slot = torch.tensor([int(table[b, p // block_size]) * block_size + p % block_size
+                         for b, (s, n) in enumerate(zip(starts, lens)) for p in range(s, s + n)], dtype=torch.long)
+    k_new, v_new = torch.randn(T, Nkv, D), torch.randn(T, Nkv, D)
+    sinks_N = torch.randn(Nq) if sinks else None
+    scale = D ** -0.5
+    kc, vc = k_cache.clone(), v_cache.clone()
+    max_len = max((s + n for s, n in zip(starts, lens)), default=0)
+    out = cpu_ext.paged_attention(q, kc, vc, table, cu_q, pos, max_len, scale=scale, window=window,
+                                  sinks_N=sinks_N, write=(slot, k_new, v_new))
+    k_cache.view(-1, Nkv, D)[slot] = k_new
+    v_cache.view(-1, Nkv, D)[slot] = v_new
+    assert torch.equal(kc, k_cache) and torch.equal(vc, v_cache)  # the write, and nothing else
+    args = (q, k_cache, v_cache, table, cu_q, pos)
+    ref = K.reference_paged_attention(*args, scale=scale, window=window, sinks_N=sinks_N)
+    assert out.shape == q.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5, msg=lambda m: f"seed={seed} {m}")
+    exact = float64_attention(*args, scale, window, sinks_N)
+    torch.testing.assert_close(out.double(), exact, rtol=2e-5, atol=2e-5, msg=lambda m: f"seed={seed} {m}")
+
+
+@needs_c_kernel
+def test_cpu_c_attention_support_rules():
+    q = torch.randn(3, 4, 16)
+    cache = torch.randn(5, 16, 2, 16)
+    assert cpu_ext.attention_supports(q, cache, cache.clone())
+    assert not cpu_ext.attention_supports(q.double(), cache.double(), cache.double())
+    assert not cpu_ext.attention_supports(q, cache.transpose(0, 1), cache.transpose(0, 1))
+    assert not cpu_ext.attention_supports(torch.randn(3, 3, 16), cache, cache.clone())  # 3 heads over 2 KV heads

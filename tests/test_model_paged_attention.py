@@ -68,3 +68,31 @@ def test_model_with_paged_attention_kernel(family, hf_checkpoint, monkeypatch):
         assert (o - c).abs().max().item() <= 1e-4
         assert (o - f).abs().max().item() <= 1e-4
         assert (o - r).abs().max().item() <= 1e-4
+
+
+@pytest.mark.skipif(str(DEVICE) != "cpu" or not K.cpu_ext.available(), reason="CPU only, with the C kernel")
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])  # window 6; GQA, D = 24; sinks
+def test_model_with_cpu_c_attention(family, hf_checkpoint, monkeypatch):
+    """On CPU, steps of at most CPU_KERNEL_MAX_NEW new tokens per sequence run attention in
+    the C kernel, longer ones in SDPA: the same steps either way equal transformers."""
+    import moerun.model.attention as A
+    path, hf = hf_checkpoint(family)
+    model = build_model(str(path), dtype="float32", device="cpu")
+    vocab = model.cfg.vocab_size
+    seqs = [torch.randint(0, vocab, (11,)).tolist(), torch.randint(0, vocab, (7,)).tolist()]
+    tables = [[9, 2, 5], [0, 7, 11]]
+    plan = [(6, 0), (3, 5), (1, 1), (1, 1)]
+    calls = []
+    kernel = K.cpu_ext.paged_attention
+    monkeypatch.setattr(K.cpu_ext, "paged_attention", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    monkeypatch.setattr(A, "CPU_KERNEL_MAX_NEW", 5)  # the 6-token step takes SDPA, the others the C kernel
+    ours = run_steps(model, seqs, tables, plan, 4)
+    assert len(calls) == (len(plan) - 1) * model.cfg.num_layers
+    monkeypatch.setattr(A, "CPU_KERNEL_MAX_NEW", 0)
+    sdpa = run_steps(model, seqs, tables, plan, 4)
+    assert len(calls) == (len(plan) - 1) * model.cfg.num_layers
+    with torch.no_grad():
+        refs = [hf(torch.tensor([s[:len(o)]])).logits[0] for s, o in zip(seqs, ours)]
+    for o, s, r in zip(ours, sdpa, refs):
+        assert (o - s).abs().max().item() <= 1e-4
+        assert (o - r).abs().max().item() <= 1e-4

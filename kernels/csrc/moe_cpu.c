@@ -198,3 +198,104 @@ int moe_experts_f32(const float *x, int64_t T, int64_t H, int64_t F,
     return failed ? -1 : 0;
 }
 
+/* ---- paged attention over the KV cache, float32 (kernels/attention.py's semantics) --------
+ * Writes the step's new K/V rows into their cache slots, then for each new token t of
+ * sequence b (rows [cu_q[b], cu_q[b + 1]) of q) attends over the keys at positions
+ * j in [lo, pos[t]] (lo = pos[t] - window + 1 with a window, else 0), read through b's block
+ * table: cache [num_blocks][block_size][Nkv][D], position j in block table[b][j / block_size],
+ * row j % block_size. Query head h reads KV head h / G (G = Nq / Nkv); an optional sink logit
+ * per query head joins the softmax denominator. Work items are (sequence, KV head): each
+ * reads its keys and values once for its tokens' G heads. Scores, softmax and output in
+ * float32. Returns 0, or -1 when scratch memory could not be allocated. */
+int paged_attention_f32(const float *q, int64_t T, int64_t Nq, int64_t D,
+                        float *kc, float *vc, int64_t block_size, int64_t Nkv,
+                        const float *k_new, const float *v_new, const int64_t *slot,
+                        const int64_t *table, int64_t B, int64_t P,
+                        const int64_t *cu_q, const int64_t *pos, int64_t max_len,
+                        float scale, int64_t window, const float *sinks, float *out) {
+    const int64_t G = Nq / Nkv, row = Nkv * D;
+    if (k_new) {
+#pragma omp parallel for schedule(static)
+        for (int64_t t = 0; t < T; ++t) {
+            memcpy(kc + slot[t] * row, k_new + t * row, (size_t)row * sizeof(float));
+            memcpy(vc + slot[t] * row, v_new + t * row, (size_t)row * sizeof(float));
+        }
+    }
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *s = malloc((size_t)(G * (max_len > 0 ? max_len : 1)) * sizeof(float));
+        float *acc = malloc((size_t)(G * D) * sizeof(float));
+        if (!s || !acc) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < B * Nkv; ++item) {
+            if (!s || !acc) continue;
+            const int64_t b = item / Nkv, kvh = item % Nkv;
+            const int64_t *tb = table + b * P;
+            for (int64_t t = cu_q[b]; t < cu_q[b + 1]; ++t) {
+                const int64_t hi = pos[t];
+                const int64_t lo = (window > 0 && hi - window + 1 > 0) ? hi - window + 1 : 0;
+                const int64_t L = hi - lo + 1;
+                const float *qt = q + (t * Nq + kvh * G) * D;
+                float mx[64], den[64];
+                const int64_t Gc = G < 64 ? G : 64; /* G <= 64 is checked by the caller */
+                for (int64_t j0 = lo; j0 <= hi;) { /* block by block: one table lookup per block */
+                    const int64_t j1 = (j0 / block_size + 1) * block_size <= hi + 1 ? (j0 / block_size + 1) * block_size : hi + 1;
+                    const float *kb = kc + (tb[j0 / block_size] * block_size + j0 % block_size) * row + kvh * D;
+                    for (int64_t j = j0; j < j1; ++j, kb += row) {
+                        for (int64_t g = 0; g < Gc; ++g) {
+                            const float *qg = qt + g * D;
+                            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                            for (int64_t d = 0; d < D; ++d) dot += qg[d] * kb[d];
+                            s[g * L + (j - lo)] = dot * scale;
+                        }
+                    }
+                    j0 = j1;
+                }
+                for (int64_t g = 0; g < Gc; ++g) {
+                    float m = -INFINITY;
+                    const float *sg = s + g * L;
+                    for (int64_t j = 0; j < L; ++j) m = sg[j] > m ? sg[j] : m;
+                    mx[g] = m;
+                }
+                for (int64_t g = 0; g < Gc; ++g) {
+                    const float sink = sinks ? sinks[kvh * G + g] : -INFINITY;
+                    const float m = sink > mx[g] ? sink : mx[g];
+                    float sum = sinks ? expf(sink - m) : 0.0f;
+                    float *sg = s + g * L;
+                    for (int64_t j = 0; j < L; ++j) {
+                        sg[j] = expf(sg[j] - m);
+                        sum += sg[j];
+                    }
+                    den[g] = sum;
+                }
+                memset(acc, 0, (size_t)(G * D) * sizeof(float));
+                for (int64_t j0 = lo; j0 <= hi;) {
+                    const int64_t j1 = (j0 / block_size + 1) * block_size <= hi + 1 ? (j0 / block_size + 1) * block_size : hi + 1;
+                    const float *vb = vc + (tb[j0 / block_size] * block_size + j0 % block_size) * row + kvh * D;
+                    for (int64_t j = j0; j < j1; ++j, vb += row) {
+                        for (int64_t g = 0; g < Gc; ++g) {
+                            const float p = s[g * L + (j - lo)];
+                            float *ag = acc + g * D;
+#pragma omp simd
+                            for (int64_t d = 0; d < D; ++d) ag[d] += p * vb[d];
+                        }
+                    }
+                    j0 = j1;
+                }
+                for (int64_t g = 0; g < Gc; ++g) {
+                    float *o = out + (t * Nq + kvh * G + g) * D;
+                    const float inv = 1.0f / den[g];
+                    for (int64_t d = 0; d < D; ++d) o[d] = acc[g * D + d] * inv;
+                }
+            }
+        }
+        free(s);
+        free(acc);
+    }
+    return failed ? -1 : 0;
+}

@@ -4,8 +4,10 @@
 rows. Its tensors are views of one int64 buffer that reached the device in one
 non-blocking copy (``AttnMeta.build``). When the kernels run Triton (CUDA, or
 ``set_default_impl("triton")`` under the interpreter), ``kernels.paged_attention`` reads K/V
-straight from the cache's blocks (varlen, GQA without repeating K/V). Otherwise (CPU)
-queries are scattered into a padded ``[B, Nq, ...]`` block so one
+straight from the cache's blocks (varlen, GQA without repeating K/V). On CPU, steps of at
+most ``CPU_KERNEL_MAX_NEW`` new tokens per sequence (decode, short chunks) go to the C
+kernel of ``kernels.cpu_ext`` (the same semantics, in place on the cache, float32), when it
+is built; otherwise queries are scattered into a padded ``[B, Nq, ...]`` block so one
 ``scaled_dot_product_attention`` call per layer serves prefill, decode and any mix, under a
 mask built on the device from ``starts_B`` and ``lens_B``.
 
@@ -26,6 +28,12 @@ from ..config import ModelConfig
 from ..profile import NULL_PROFILER
 from ..weights_spec import TensorSpec, rows
 from .layers import FusedLinear, Linear, RMSNorm, apply_rope
+
+cpu_ext = kernels.cpu_ext
+# On CPU, steps whose sequences add at most this many tokens each (decode, short prefill
+# chunks) run attention in the C kernel (kernels/csrc/moe_cpu.c: K/V read in place from the
+# cache); longer prefills keep PyTorch's SDPA on the gathered blocks.
+CPU_KERNEL_MAX_NEW = 64
 
 
 @dataclass
@@ -177,6 +185,15 @@ class Attention(nn.Module):
                                               meta.cu_q(), meta.pos_T, scale=D ** -0.5,
                                               window=self.window, sinks_N=self.sinks, max_q=meta.max_new,
                                               max_kv=meta.max_len)
+                prof.note_activation(x_TH, q, k, v, out)
+            with prof.phase("o_proj"):
+                return self.o_proj(out.view(T, self.num_heads * D))
+        if meta.max_new <= CPU_KERNEL_MAX_NEW and cpu_ext.attention_supports(q, cache.k[layer], cache.v[layer], self.sinks) \
+                and cpu_ext.available():
+            with prof.phase("attention"):  # the C kernel: writes k, v into the cache, reads it in place
+                out = cpu_ext.paged_attention(q, cache.k[layer], cache.v[layer], meta.table_BP, meta.cu_q(),
+                                              meta.pos_T, meta.max_len, scale=D ** -0.5, window=self.window,
+                                              sinks_N=self.sinks, write=(meta.slot_T, k, v))
                 prof.note_activation(x_TH, q, k, v, out)
             with prof.phase("o_proj"):
                 return self.o_proj(out.view(T, self.num_heads * D))
