@@ -267,3 +267,21 @@ def test_cuda_graph_replay_equals_eager():
     eager = Engine(model, EngineConfig(num_blocks=128, block_size=bs, enforce_eager=True))
     assert graphs.worker.graphs is not None and eager.worker.graphs is None
     assert graphs.generate(prompts, sp) == eager.generate(prompts, sp)
+
+
+# ------------------------------------------------------------ the CPU LM head
+@pytest.mark.parametrize("rows", [0, 1, 7, 48, 49, 130])
+def test_cpu_lm_head_equals_linear_on_both_sides_of_its_switch(rows):
+    """Up to LM_HEAD_TALL_MAX_ROWS rows the CPU LM head computes (W x^T)^T, above it x W^T:
+    either way the logits are F.linear's, within float32 summation-order error."""
+    from moerun.comm import Comm
+    from moerun.model.layers import LM_HEAD_TALL_MAX_ROWS, LMHead
+    head = LMHead(1000, 64, Comm(), None)
+    with torch.no_grad():
+        head.weight.normal_(0, 0.1)
+    x = torch.randn(rows, 64)
+    got = head(x)
+    assert got.shape == (rows, 1000) and got.is_contiguous()
+    if rows:
+        assert (got - torch.nn.functional.linear(x, head.weight)).abs().max().item() <= 1e-5
+    assert LM_HEAD_TALL_MAX_ROWS == 48  # the cases above sit on both sides of it

@@ -142,6 +142,13 @@ class VocabParallelEmbedding(nn.Module):
         return [TensorSpec(name, (self.vocab_size, self.hidden), self.weight, rows(self.part))]
 
 
+# Rows up to which the CPU LM head computes (W x^T)^T instead of x W^T: MKL then streams the
+# big weight as its A operand instead of repacking it as B on every call. At H = 1024,
+# V = 32000 (2-core Intel Xeon, 2026-12-02): 19 vs 25 ms at 32 rows, 4.4-5.5 vs 4.9-6.4 at
+# 1 row, level at 64.
+LM_HEAD_TALL_MAX_ROWS = 48
+
+
 class LMHead(nn.Module):
     """Vocab-parallel output projection; full logits gathered over TP."""
 
@@ -155,7 +162,10 @@ class LMHead(nn.Module):
             torch.empty(len(self.part), hidden, dtype=dtype))
 
     def forward(self, x_TH: torch.Tensor, prof=NULL_PROFILER) -> torch.Tensor:
-        logits = F.linear(x_TH, self.weight)  # [T, V/tp]
+        if x_TH.device.type == "cpu" and x_TH.dtype == torch.float32 and x_TH.shape[0] <= LM_HEAD_TALL_MAX_ROWS:
+            logits = torch.mm(self.weight, x_TH.t()).t().contiguous()  # [T, V/tp], W as MKL's A
+        else:
+            logits = F.linear(x_TH, self.weight)  # [T, V/tp]
         prof.note_activation(logits)
         if self.comm.tp_size == 1:
             return logits
