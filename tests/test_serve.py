@@ -156,6 +156,27 @@ def test_stream_concatenates_to_the_whole_answer(server):
     assert streamed == full
 
 
+def test_stream_keeps_every_piece_when_events_pile_up(checkpoint):
+    """A stream that reads its pieces slower than the engine makes them (each read held back
+    50 ms) still sends all the text, and the finish reason only on its last chunk."""
+    s = Server(["--model", checkpoint, "--served-model-name", "mx"], env={"MOERUN_TEST_STREAM_DELAY": "0.05"})
+    try:
+        kw = dict(model="mx", max_tokens=8, temperature=0)
+        for prompt in ([5, 9, 33, 7], "w9 w10 w11"):
+            whole = s.client.completions.create(prompt=prompt, extra_body={"ignore_eos": True}, **kw).choices[0].text
+            chunks = [ch for ch in s.client.completions.create(prompt=prompt, stream=True, extra_body={"ignore_eos": True},
+                                                               **kw) if ch.choices]
+            assert "".join(ch.choices[0].text for ch in chunks) == whole
+            assert [ch.choices[0].finish_reason for ch in chunks] == [None] * (len(chunks) - 1) + ["length"]
+        msgs = [{"role": "user", "content": "w9 w10"}]
+        full = s.client.chat.completions.create(messages=msgs, **kw).choices[0].message.content
+        chat = [ch for ch in s.client.chat.completions.create(messages=msgs, stream=True, **kw) if ch.choices]
+        assert "".join(ch.choices[0].delta.content or "" for ch in chat) == full
+        assert [ch.choices[0].finish_reason for ch in chat][:-1] == [None] * (len(chat) - 1)
+    finally:
+        assert s.stop() == [0]
+
+
 def test_chat_renders_the_template_like_transformers(server, checkpoint, offline):
     from transformers import AutoTokenizer
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import os
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -29,6 +30,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import __version__
 from . import protocol as P
 from .chat import chat_prompt_ids
+
+# seconds a stream waits before it reads each piece (tests: the engine's events pile up, as
+# they do when it runs faster than the stream is written)
+_TEST_STREAM_DELAY = float(os.environ.get("MOERUN_TEST_STREAM_DELAY", 0) or 0)
 from .detok import TextStream
 from .client import EngineClient
 from .loop import Accepted, Failed
@@ -309,16 +314,20 @@ async def respond(request: Request, state: ServerState, req, choices: list[Choic
 
     # Streaming: the first event of every choice must be in before the 200 goes out, so
     # that a request the engine refuses still gets its 400.
-    queue: asyncio.Queue = asyncio.Queue()  # (choice, text) pieces, or (choice, exception) at a failure
+    # (choice, text, finish_reason, stop_reason) pieces, or (choice, exception, None, None) at a
+    # failure. The finish state is taken when the piece is made: by the time the stream reads
+    # a piece its choice may have run on (a fast engine queues several events before the
+    # stream wakes), and the piece must not end the stream before the pieces after it.
+    queue: asyncio.Queue = asyncio.Queue()
 
     def push(c, text):
-        queue.put_nowait((c, text))
+        queue.put_nowait((c, text, c.finish_reason, c.stop_reason))
 
     async def run_and_report(c):
         try:
             await run_choice(state, c, push)
         except Exception as e:  # the stream reports it; one await per chunk, no polling
-            queue.put_nowait((c, e))
+            queue.put_nowait((c, e, None, None))
             raise
     tasks = [asyncio.create_task(run_and_report(c)) for c in choices]
     try:  # a refusal before the first token is an HTTP error, not a 200 stream with an error in it
@@ -341,23 +350,24 @@ async def respond(request: Request, state: ServerState, req, choices: list[Choic
                     yield P.sse(P.completion_chunk(rid, model, created, c.index, echo[c.index // req.n]))
             done = 0
             while done < len(choices):
-                c, text = await queue.get()
+                if _TEST_STREAM_DELAY:
+                    await asyncio.sleep(_TEST_STREAM_DELAY)
+                c, text, finish_reason, stop_reason = await queue.get()
                 if isinstance(text, Exception):
                     err = text if isinstance(text, P.APIError) else P.APIError.server_error(str(text))
                     yield P.sse(P.error_body(err))
                     yield P.SSE_DONE
                     return
-                final = c.finish_reason is not None
+                final = finish_reason is not None
                 done += final
                 if not (text or final or c.unsent):
                     continue
                 lp = logprobs_of(c)
                 if chat:
                     chunk = P.chat_chunk(rid, model, created, c.index, content=text if text or not final else None,
-                                         logprobs=lp, finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                                         logprobs=lp, finish_reason=finish_reason, stop_reason=stop_reason)
                 else:
-                    chunk = P.completion_chunk(rid, model, created, c.index, text, lp, c.finish_reason,
-                                               c.stop_reason)
+                    chunk = P.completion_chunk(rid, model, created, c.index, text, lp, finish_reason, stop_reason)
                 chunk["choices"][0]["token_ids"], c.unsent = c.unsent, []
                 yield P.sse(chunk)
             if req.include_usage:
