@@ -101,6 +101,10 @@ def _load():
         att = lib.paged_attention_f32
         att.argtypes = [P, I, I, I, P, P, I, I, P, P, P, P, I, I, P, P, I, Fl, I, P, P]
         att.restype = ctypes.c_int
+        lib.rope_qk_f32.argtypes = [P, I, I, P, I, I, I, I, P, P, I]
+        lib.rope_qk_f32.restype = None
+        lib.add_rmsnorm_f32.argtypes = [P, P, P, P, Fl, I, I, P]
+        lib.add_rmsnorm_f32.restype = None
         _lib = lib
     except Exception as exc:  # no compiler, a failed build or load: the PyTorch paths remain
         _error = f"{type(exc).__name__}: {exc}"
@@ -191,3 +195,46 @@ def paged_attention(q_TND, k_cache, v_cache, table_BP, cu_q_B1, pos_T, max_len: 
     if rc != 0:
         raise MemoryError(f"the CPU attention kernel could not allocate its scratch (max_len={max_len})")
     return out
+
+
+def _f32_cpu(*ts) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts)
+
+
+def rope_qk_(q_TND: torch.Tensor, k_TND: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> bool:
+    """``apply_rope`` on q and k in place, in one C call, when it can (CPU float32, heads
+    contiguous in each row, cos/sin [T, R] contiguous, R even and at most D): returns
+    whether it did; if not, nothing was touched."""
+    if not _f32_cpu(q_TND, k_TND, cos_TR, sin_TR) or q_TND.dim() != 3 or k_TND.dim() != 3:
+        return False
+    T, Nq, D = q_TND.shape
+    R = cos_TR.shape[-1]
+    ok = (k_TND.shape[0] == T and k_TND.shape[2] == D and R % 2 == 0 and R <= D
+          and tuple(cos_TR.shape) == (T, R) and sin_TR.shape == cos_TR.shape
+          and cos_TR.is_contiguous() and sin_TR.is_contiguous()
+          and q_TND.stride()[1:] == (D, 1) and k_TND.stride()[1:] == (D, 1))
+    lib = _load() if ok else None
+    if lib is None:
+        return False
+    lib.rope_qk_f32(q_TND.data_ptr(), Nq, q_TND.stride(0), k_TND.data_ptr(), k_TND.shape[1], k_TND.stride(0), T, D,
+                    cos_TR.data_ptr(), sin_TR.data_ptr(), R)
+    return True
+
+
+def add_rmsnorm(a_TH: torch.Tensor, b_TH: torch.Tensor | None, weight_H: torch.Tensor, eps: float):
+    """``h = a + b`` (or a) and ``RMSNorm(h) * weight`` in one C call, when it can (CPU
+    float32, contiguous): ``(h, x)``, or None when it cannot (nothing computed then)."""
+    ts = (a_TH, weight_H) if b_TH is None else (a_TH, b_TH, weight_H)
+    if not _f32_cpu(*ts) or a_TH.dim() != 2 or not all(t.is_contiguous() for t in ts):
+        return None
+    T, H = a_TH.shape
+    if (b_TH is not None and b_TH.shape != a_TH.shape) or tuple(weight_H.shape) != (H,):
+        return None
+    lib = _load()
+    if lib is None:
+        return None
+    h = torch.empty_like(a_TH) if b_TH is not None else a_TH
+    x = torch.empty_like(a_TH)
+    lib.add_rmsnorm_f32(a_TH.data_ptr(), None if b_TH is None else b_TH.data_ptr(),
+                        h.data_ptr(), weight_H.data_ptr(), float(eps), T, H, x.data_ptr())
+    return h, x

@@ -151,3 +151,46 @@ def test_a_fresh_cache_builds_the_library(monkeypatch, tmp_path):
     assert cpu_ext.available()
     built = list(tmp_path.glob("moe_cpu-*.so"))
     assert len(built) == 1 and list(tmp_path.iterdir()) == built  # no temporary file left behind
+
+
+@needs_ext
+@pytest.mark.parametrize("T, Nq, Nkv, D, R", [(1, 4, 2, 32, 32), (9, 6, 2, 24, 24), (5, 4, 1, 40, 20), (0, 2, 2, 8, 8)])
+def test_rope_in_place_equals_apply_rope(T, Nq, Nkv, D, R):
+    """q and k as the model has them (views of one fused projection, rows wider than the
+    heads), R = D or a partial rotary dim; v, beside them in memory, untouched."""
+    from moerun.model.layers import apply_rope, rope_cos_sin
+    qkv = torch.randn(T, (Nq + 2 * Nkv) * D)
+    q, k, v = qkv.split([Nq * D, Nkv * D, Nkv * D], dim=-1)
+    q, k = q.view(T, Nq, D), k.view(T, Nkv, D)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, R, 2).float() / R))
+    cos, sin = rope_cos_sin(torch.randint(0, 500, (T,)), inv_freq, torch.float32)
+    want_q, want_k, v0 = apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.clone()
+    assert cpu_ext.rope_qk_(q, k, cos, sin)
+    if T:
+        assert (q - want_q).abs().max().item() <= 1e-6 and (k - want_k).abs().max().item() <= 1e-6
+    assert torch.equal(v, v0)
+    assert not cpu_ext.rope_qk_(q.double(), k.double(), cos.double(), sin.double())  # not taken: float64
+
+
+@needs_ext
+@pytest.mark.parametrize("T, H", [(1, 128), (7, 96), (33, 1000), (0, 16)])
+def test_add_rmsnorm_equals_rmsnorm_and_float64(T, H):
+    from moerun.model.layers import RMSNorm
+    norm = RMSNorm(H, 1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    a, b = torch.randn(T, H) * 3, torch.randn(T, H)
+    h, x = cpu_ext.add_rmsnorm(a, b, norm.weight, 1e-5)
+    assert torch.equal(h, a + b)
+    hd = a.double() + b.double()
+    exact = norm.weight.double() * hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + 1e-5)
+    if T:
+        assert (x.double() - exact).abs().max().item() <= 1e-5
+        h2, x2 = norm.add_forward(a, b)
+        assert torch.equal(h2, h) and torch.equal(x2, x)
+        only = cpu_ext.add_rmsnorm(a, None, norm.weight, 1e-5)
+        ad = a.double()
+        exact_a = norm.weight.double() * ad * torch.rsqrt(ad.pow(2).mean(-1, keepdim=True) + 1e-5)
+        assert only[0] is a and (only[1].double() - exact_a).abs().max().item() <= 1e-5
+    if T > 1:  # a non-contiguous input is not taken (the caller falls back to PyTorch)
+        assert cpu_ext.add_rmsnorm(torch.randn(H, T).t(), None, norm.weight, 1e-5) is None

@@ -299,3 +299,58 @@ int paged_attention_f32(const float *q, int64_t T, int64_t Nq, int64_t D,
     }
     return failed ? -1 : 0;
 }
+
+/* ---- the per-layer glue of a decode step, float32 --------------------------------------
+ * rope_qk_f32: rotate-half RoPE in place on the first R dims of every head of q [T][Nq][D]
+ * and k [T][Nkv][D] (rows q_row / k_row floats apart, heads D apart), cos/sin [T][R]:
+ *   x[i] <- x[i] cos[i] - x[i + R/2] sin[i],  x[i + R/2] <- x[i + R/2] cos[i + R/2] + x[i] sin[i + R/2]
+ * (moerun.model.layers.apply_rope). add_rmsnorm_f32: h = a (+ b when given), written to h_out,
+ * then x_out = w * h * rsqrt(mean(h^2) + eps), per row of H (RMSNorm after a residual add). */
+static void rope_rows(float *x, int64_t T, int64_t N, int64_t D, int64_t row, const float *cos_t,
+                      const float *sin_t, int64_t R) {
+    const int64_t half = R / 2;
+#pragma omp parallel for schedule(static) if (T * N * R > 65536)
+    for (int64_t t = 0; t < T; ++t) {
+        const float *c = cos_t + t * R, *s = sin_t + t * R;
+        for (int64_t n = 0; n < N; ++n) {
+            float *v = x + t * row + n * D;
+#pragma omp simd
+            for (int64_t i = 0; i < half; ++i) {
+                const float x1 = v[i], x2 = v[i + half];
+                v[i] = x1 * c[i] - x2 * s[i];
+                v[i + half] = x2 * c[i + half] + x1 * s[i + half];
+            }
+        }
+    }
+}
+
+void rope_qk_f32(float *q, int64_t Nq, int64_t q_row, float *k, int64_t Nkv, int64_t k_row, int64_t T,
+                 int64_t D, const float *cos_t, const float *sin_t, int64_t R) {
+    rope_rows(q, T, Nq, D, q_row, cos_t, sin_t, R);
+    rope_rows(k, T, Nkv, D, k_row, cos_t, sin_t, R);
+}
+
+void add_rmsnorm_f32(const float *a, const float *b, float *h_out, const float *w, float eps,
+                     int64_t T, int64_t H, float *x_out) {
+#pragma omp parallel for schedule(static) if (T * H > 65536)
+    for (int64_t t = 0; t < T; ++t) {
+        const float *ra = a + t * H, *rb = b ? b + t * H : NULL;
+        float *h = h_out + t * H, *x = x_out + t * H;
+        float sq = 0.0f;
+        if (rb) {
+#pragma omp simd reduction(+ : sq)
+            for (int64_t i = 0; i < H; ++i) {
+                const float v = ra[i] + rb[i];
+                h[i] = v;
+                sq += v * v;
+            }
+        } else {
+#pragma omp simd reduction(+ : sq)
+            for (int64_t i = 0; i < H; ++i) sq += ra[i] * ra[i];
+        }
+        const float r = 1.0f / sqrtf(sq / (float)H + eps);
+        const float *src = rb ? h : ra;
+#pragma omp simd
+        for (int64_t i = 0; i < H; ++i) x[i] = w[i] * (src[i] * r);
+    }
+}

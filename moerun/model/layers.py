@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..comm import Comm
+from ..kernels import cpu_ext
 from ..profile import NULL_PROFILER
 from ..weights_spec import TensorSpec, cols, rows
 
@@ -26,7 +27,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, sumsq_total=None) -> torch.Tensor:
         """``sumsq_total(sq_T1) -> (sq_T1, n)`` totals the squares over ranks when the
-        normalised dim is split over TP (OLMoE's q/k norm spans all heads)."""
+        normalised dim is split over TP (OLMoE's q/k norm spans all heads). On CPU float32
+        (contiguous, not split) one C call (``cpu_ext.add_rmsnorm``) computes the same."""
+        if sumsq_total is None and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous():
+            done = cpu_ext.add_rmsnorm(x.reshape(-1, x.shape[-1]), None, self.weight, self.eps)
+            if done is not None:
+                return done[1].view(x.shape)
         xf = x.float()
         sq = xf.pow(2).sum(-1, keepdim=True)
         n = x.shape[-1]
@@ -34,6 +40,16 @@ class RMSNorm(nn.Module):
             sq, n = sumsq_total(sq)
         xf = xf * torch.rsqrt(sq / n + self.eps)
         return self.weight * xf.to(x.dtype)
+
+    def add_forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a + b, RMSNorm(a + b)): a residual add and the norm after it, on CPU float32 in one
+        C call."""
+        if a.device.type == "cpu" and a.dtype == torch.float32:
+            done = cpu_ext.add_rmsnorm(a, b, self.weight, self.eps)
+            if done is not None:
+                return done
+        h = a + b
+        return h, self(h)
 
     def specs(self, name: str, full: int | None = None, part: range | None = None) -> list[TensorSpec]:
         full = full or self.weight.shape[0]

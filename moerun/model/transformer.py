@@ -42,8 +42,7 @@ class DecoderLayer(nn.Module):
             a_tH = self.comm.tp_reduce_scatter_tokens(a_TH)  # sum over TP, keep 1/tp of tokens
         mine = self.comm.token_rows(T)
         with prof.phase("norm"):  # residual add + RMSNorm (one fused op in most engines)
-            h_tH = h_TH[mine.start:mine.stop] + a_tH
-            x_tH = self.post_attention_layernorm(h_tH)
+            h_tH, x_tH = self.post_attention_layernorm.add_forward(h_TH[mine.start:mine.stop], a_tH)
         h_tH = h_tH + self.mlp(x_tH, prof)
         with prof.phase("tp_collective"):
             return self.comm.tp_all_gather_tokens(h_tH, T)
