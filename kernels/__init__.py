@@ -15,7 +15,8 @@ pass ``impl="triton"``.
 Files: router.py (route: every family's router; topk_softmax), align.py (moe_align), fused_moe.py (fused_moe and the
 per-expert loop baseline), dispatch.py (dispatch / combine around the EP all-to-all),
 moe_config.py (tuned tiles in configs/), attention.py (paged_attention over the KV cache's
-block tables), _common.py (triton guard, impl choice).
+block tables), _common.py (triton guard, impl choice), cpu_ext.py (the optional C kernels of
+the CPU path in csrc/moe_cpu.c: experts, paged attention, RoPE, add + RMSNorm).
 """
 from . import cpu_ext
 from ._common import HAS_TRITON, INTERPRETED, get_default_impl, set_default_impl, uses_triton

@@ -7,6 +7,8 @@ False and ``torch_fused_moe`` keeps its PyTorch paths.
         out_TH = cpu_ext.moe_experts(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start, act)
         out_TND = cpu_ext.paged_attention(q_TND, k_cache, v_cache, table_BP, cu_q_B1, pos_T, max_len,
                                           scale=D ** -0.5, write=(slot_T, k_TND, v_TND))
+        cpu_ext.rope_qk_(q_TND, k_TND, cos_TR, sin_TR)             # in place; False if not taken
+        h_TH, x_TH = cpu_ext.add_rmsnorm(a_TH, b_TH, weight_H, eps)  # or None if not taken
 
 Build: ``$CC`` (default ``cc``) ``-O3 -march=native -fopenmp -shared`` into
 ``$MOERUN_CACHE_DIR`` (default ``~/.cache/moerun``)/``moe_cpu-<hash>.so``, the hash over the
@@ -122,10 +124,14 @@ def unavailable_reason() -> str | None:
     return _error
 
 
+def _f32_cpu(*ts) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts)
+
+
 def supports(x_TH, w13_EFH, w2_EHF, act) -> bool:
     """Inputs the kernel takes: CPU float32, K-major experts (``w.transpose(1, 2)``
     contiguous, the model's layout), an activation it knows, contiguous float32 biases."""
-    if x_TH.device.type != "cpu" or x_TH.dtype != torch.float32 or act.kind not in _ACT_CODES:
+    if not _f32_cpu(x_TH) or act.kind not in _ACT_CODES:
         return False
     if not (w13_EFH.transpose(1, 2).is_contiguous() and w2_EHF.transpose(1, 2).is_contiguous()):
         return False
@@ -158,7 +164,7 @@ def moe_experts(x_TH, w13_EFH, w2_EHF, weights_TK, ids_TK, expert_start, act) ->
 def attention_supports(q_TND, k_cache, v_cache, sinks_N=None) -> bool:
     """Inputs ``paged_attention`` takes: CPU float32, contiguous caches [blocks, block_size,
     N_kv, D], N_q a multiple of N_kv with at most 64 query heads per KV head."""
-    if q_TND.device.type != "cpu" or q_TND.dtype != torch.float32 or k_cache.dtype != torch.float32:
+    if not _f32_cpu(q_TND, k_cache):
         return False
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or v_cache.shape != k_cache.shape:
         return False
@@ -195,10 +201,6 @@ def paged_attention(q_TND, k_cache, v_cache, table_BP, cu_q_B1, pos_T, max_len: 
     if rc != 0:
         raise MemoryError(f"the CPU attention kernel could not allocate its scratch (max_len={max_len})")
     return out
-
-
-def _f32_cpu(*ts) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts)
 
 
 def rope_qk_(q_TND: torch.Tensor, k_TND: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> bool:

@@ -189,6 +189,20 @@ def hf_checkpoint(tmp_path_factory):
     return get
 
 
+def edited_copy(src, dst, edit):
+    """A copy of the checkpoint at ``src`` in ``dst`` whose tensors ``edit(tensors)`` changed
+    in place (a tensor dropped, added or reshaped): for tests of a broken checkpoint."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
 def hf_dequantize(blocks, scales, dtype=torch.float32):
     """transformers' own MXFP4 dequantization (the reference moerun's is checked against)."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors

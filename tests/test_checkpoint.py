@@ -3,12 +3,11 @@ error for every kind of broken checkpoint or config."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
+from conftest import edited_copy
 from moerun.config import ModelConfig
 from moerun.build import build_model, forward_logits
 from moerun.weights import CheckpointError, full_model_shapes, save_checkpoint
@@ -72,25 +71,17 @@ def test_sharded_checkpoint_with_index(hf_checkpoint, tmp_path):
     assert (logits_of(build_model(str(tmp_path)), ids) - ref).abs().max() <= 1e-4
 
 
-def _broken_copy(src, dst, edit):
-    shutil.copytree(src, dst)
-    tensors = load_file(dst / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
-
-
 def test_missing_tensor_is_named(hf_checkpoint, tmp_path):
     path, _ = hf_checkpoint("mixtral")
     name = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
-    d = _broken_copy(path, tmp_path / "ck", lambda t: t.pop(name))
+    d = edited_copy(path, tmp_path / "ck", lambda t: t.pop(name))
     with pytest.raises(CheckpointError, match=r"missing tensors \(1\).*experts\.3\.w2\.weight \[64, 48\]"):
         build_model(str(d))
 
 
 def test_unexpected_tensor_is_named(hf_checkpoint, tmp_path):
     path, _ = hf_checkpoint("mixtral")
-    d = _broken_copy(path, tmp_path / "ck", lambda t: t.update({"model.layers.0.extra.weight": torch.zeros(2)}))
+    d = edited_copy(path, tmp_path / "ck", lambda t: t.update({"model.layers.0.extra.weight": torch.zeros(2)}))
     with pytest.raises(CheckpointError, match=r"unexpected tensors \(1\): model\.layers\.0\.extra\.weight"):
         build_model(str(d))
 
@@ -98,7 +89,7 @@ def test_unexpected_tensor_is_named(hf_checkpoint, tmp_path):
 def test_misshaped_tensor_is_named(hf_checkpoint, tmp_path):
     path, _ = hf_checkpoint("qwen3_moe")
     name = "model.layers.2.self_attn.k_proj.weight"
-    d = _broken_copy(path, tmp_path / "ck", lambda t: t.update({name: torch.zeros(40, 64)}))
+    d = edited_copy(path, tmp_path / "ck", lambda t: t.update({name: torch.zeros(40, 64)}))
     with pytest.raises(CheckpointError, match=r"mis-shaped.*k_proj\.weight: expected \[48, 64\], found \[40, 64\]"):
         build_model(str(d))
 

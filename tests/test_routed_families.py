@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
-from conftest import COMMON, FAMILIES, FP8_BLOCK
+from conftest import COMMON, FAMILIES, FP8_BLOCK, edited_copy
 from moerun.build import build_model, forward_logits
 from moerun.comm import Comm
 from moerun.config import ModelConfig
@@ -138,18 +136,10 @@ def test_fp8_ranks_read_only_their_slices(hf_checkpoint):
             assert torch.equal(s.dest, want), (rank, s.name)
 
 
-def _edited_copy(src, dst, edit):
-    shutil.copytree(src, dst)
-    t = load_file(dst / "model.safetensors")
-    edit(t)
-    save_file(t, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
-
-
 def test_fp8_weight_without_its_scales_is_named(hf_checkpoint, tmp_path):
     path, _ = hf_checkpoint("glm4_moe-fp8")
     name = "model.layers.1.mlp.experts.2.up_proj.weight"
-    d = _edited_copy(path, tmp_path / "ck", lambda t: t.pop(name + "_scale_inv"))
+    d = edited_copy(path, tmp_path / "ck", lambda t: t.pop(name + "_scale_inv"))
     with pytest.raises(CheckpointError, match=r"experts\.2\.up_proj\.weight: F8_E4M3 without its block scales "
                                               r"model\.layers\.1\.mlp\.experts\.2\.up_proj\.weight_scale_inv"):
         build_model(str(d))
@@ -158,7 +148,7 @@ def test_fp8_weight_without_its_scales_is_named(hf_checkpoint, tmp_path):
 def test_fp8_misshaped_scales_are_named(hf_checkpoint, tmp_path):
     path, _ = hf_checkpoint("glm4_moe-fp8")
     name = "lm_head.weight_scale_inv"  # [2, 1] for a [160, 64] weight
-    d = _edited_copy(path, tmp_path / "ck", lambda t: t.update({name: torch.ones(1, 1)}))
+    d = edited_copy(path, tmp_path / "ck", lambda t: t.update({name: torch.ones(1, 1)}))
     with pytest.raises(CheckpointError, match=r"lm_head\.weight_scale_inv: expected \[2, 1\] float \(128x128 "
                                               r"blocks of \[160, 64\]\), found \[1, 1\] F32"):
         build_model(str(d))

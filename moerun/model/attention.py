@@ -177,7 +177,7 @@ class Attention(nn.Module):
             v = v.view(T, self.num_kv_heads, D)
             if cfg.qk_norm == "head":
                 q, k = self.q_norm(q), self.k_norm(k)
-            if not (x_TH.device.type == "cpu" and cpu_ext.rope_qk_(q, k, cos_TD, sin_TD)):  # in place, one C call
+            if not cpu_ext.rope_qk_(q, k, cos_TD, sin_TD):  # CPU float32: in place, one C call
                 q, k = apply_rope(q, cos_TD, sin_TD), apply_rope(k, cos_TD, sin_TD)
         if kernels.uses_triton(x_TH.device):
             with prof.phase("attention"):
