@@ -98,8 +98,41 @@ class Choice:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.handle = None
-        # set when the engine takes (or refuses) it; built in the handler's event loop
-        self.accepted: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.engine: EngineClient | None = None
+        self.accepted = False  # the engine took it (an Accepted came)
+        self.closed = False
+
+    def submit(self, engine: EngineClient, queue: asyncio.Queue | None = None) -> None:
+        self.engine = engine
+        self.handle = engine.submit(self.prompt, self.params, asyncio.get_running_loop(), queue, self)
+
+    def on_item(self, item) -> str | None:
+        """One item from the engine: None for ``Accepted``, the text to send for a token
+        event ("" while held back); a ``Failed`` (or a server-side abort) raises the APIError
+        the client gets."""
+        if isinstance(item, Failed):
+            raise P.APIError(item.status, item.message, "server_error" if item.status >= 500 else
+                             "invalid_request_error")
+        if isinstance(item, Accepted):
+            self.accepted = True
+            return None
+        text = self.take(item)
+        if self.finish_reason == "abort":  # aborted by the server (drain timeout), not by the client
+            raise P.APIError.unavailable("The request was aborted: the server is shutting down.")
+        return text
+
+    def close(self, metrics: ServerMetrics) -> None:
+        """Done with it (finished, failed, or the client is gone): abort the engine request if
+        it may still run (a stop string ends it here before the engine knows), so its KV blocks
+        are freed now, and count it. Idempotent."""
+        if self.closed or self.engine is None:
+            return
+        self.closed = True
+        if self.finish_reason is None or self.text.stopped:
+            self.engine.abort(self.handle)
+        reason = self.finish_reason if self.finish_reason in ("stop", "length") else "abort"
+        metrics.request_finished(reason, len(self.prompt), self.num_tokens, self.clock.ttft, self.clock.itls,
+                                 self.clock.e2e())
 
     def take(self, ev) -> str:
         """An engine event into text to send (stop strings held back and cut)."""
@@ -123,34 +156,16 @@ class Choice:
         return out
 
 
-async def run_choice(state: ServerState, c: Choice, emit) -> None:
-    """Drive one engine request to its end, calling ``emit(choice, text)`` for every
-    engine event (text may be "" while held back). Aborts the engine request when cancelled."""
-    loop = state.serving()
-    c.handle = loop.submit(c.prompt, c.params, asyncio.get_running_loop())
+async def run_choice(state: ServerState, c: Choice) -> None:
+    """Drive one engine request to its end (its own queue). Aborts the engine request when
+    cancelled; raises the APIError of a failure."""
+    c.submit(state.serving())
     try:
         while c.finish_reason is None:
-            ev = await c.handle.queue.get()
-            if isinstance(ev, Failed):
-                err = P.APIError(ev.status, ev.message, "server_error" if ev.status >= 500 else
-                                 "invalid_request_error")
-                if not c.accepted.done():
-                    c.accepted.set_exception(err)
-                    c.accepted.exception()  # retrieved: the caller may be gone
-                raise err
-            if isinstance(ev, Accepted):
-                c.accepted.set_result(ev.req_id)
-                continue
-            text = c.take(ev)
-            if c.finish_reason == "abort":  # aborted by the server (drain timeout), not by us
-                raise P.APIError.unavailable("The request was aborted: the server is shutting down.")
-            emit(c, text)
+            _, item = await c.handle.queue.get()
+            c.on_item(item)
     finally:
-        if c.finish_reason is None or c.text.stopped:
-            loop.abort(c.handle)  # client gone, error, or a stop string: free its KV blocks now
-        reason = c.finish_reason if c.finish_reason in ("stop", "length") else "abort"
-        state.metrics.request_finished(reason, len(c.prompt), c.num_tokens, c.clock.ttft, c.clock.itls,
-                                       c.clock.e2e())
+        c.close(state.metrics)
 
 
 class _Strict(BaseModel):
@@ -170,6 +185,24 @@ class DetokenizeRequest(_Strict):
     tokens: list[int] = Field(min_length=0)
 
 
+class ApiKeyMiddleware:
+    """401 for a /v1 request without ``Authorization: Bearer <api key>``. Plain ASGI, not
+    ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware runs every response through
+    an extra memory stream and task group, which cost more CPU per streamed chunk than the
+    chunk itself."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if not hmac.compare_digest(given, self.expected):
+                await JSONResponse(P.error_body(P.APIError.unauthorized()), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="moerun", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     settings = state.settings
@@ -178,13 +211,8 @@ def build_app(state: ServerState) -> FastAPI:
     async def _api_error(request: Request, e: P.APIError):
         return JSONResponse(P.error_body(e), status_code=e.status)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if settings.api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
-                return JSONResponse(P.error_body(P.APIError.unauthorized()), status_code=401)
-        return await call_next(request)
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
 
     @app.get("/health")
     async def health():
@@ -312,78 +340,112 @@ async def respond(request: Request, state: ServerState, req, choices: list[Choic
         build = P.chat_response if chat else P.completion_response
         return JSONResponse(build(rid, model, out, usage, created))
 
-    # Streaming: the first event of every choice must be in before the 200 goes out, so
-    # that a request the engine refuses still gets its 400.
-    # (choice, text, finish_reason, stop_reason) pieces, or (choice, exception, None, None) at a
-    # failure. The finish state is taken when the piece is made: by the time the stream reads
-    # a piece its choice may have run on (a fast engine queues several events before the
-    # stream wakes), and the piece must not end the stream before the pieces after it.
+    # Streaming: the events of every choice come into one queue that the stream reads itself
+    # (one wake-up per chunk, no task per choice). Every choice's first event must be in
+    # before the 200 goes out, so that a request the engine refuses still gets its 400.
     queue: asyncio.Queue = asyncio.Queue()
+    engine = state.serving()
+    for c in choices:
+        c.submit(engine, queue)
+    # (choice, text, finish_reason, stop_reason) read while waiting for the acceptances; the
+    # finish state is the choice's when the piece was made (a later piece may finish it)
+    early: list = []
 
-    def push(c, text):
-        queue.put_nowait((c, text, c.finish_reason, c.stop_reason))
-
-    async def run_and_report(c):
-        try:
-            await run_choice(state, c, push)
-        except Exception as e:  # the stream reports it; one await per chunk, no polling
-            queue.put_nowait((c, e, None, None))
-            raise
-    tasks = [asyncio.create_task(run_and_report(c)) for c in choices]
-    try:  # a refusal before the first token is an HTTP error, not a 200 stream with an error in it
-        await asyncio.wait([c.accepted for c in choices], return_when=asyncio.FIRST_EXCEPTION)
+    def close_all():
         for c in choices:
-            if c.accepted.done() and c.accepted.exception() is not None:
-                raise c.accepted.exception()
+            c.close(state.metrics)
+    try:  # a refusal before the first token is an HTTP error, not a 200 stream with an error in it
+        while not all(c.accepted for c in choices):
+            h, item = await queue.get()
+            c = h.owner
+            if c.finish_reason is not None:
+                continue  # an event after a stop string ended it here
+            text = c.on_item(item)
+            if text is not None:
+                early.append((c, text, c.finish_reason, c.stop_reason))
     except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        close_all()
         raise
 
     async def stream():
-        try:
-            for c in choices:
-                if chat:
-                    yield P.sse(P.chat_role_chunk(rid, model, created, c.index))
-                elif echo:
-                    yield P.sse(P.completion_chunk(rid, model, created, c.index, echo[c.index // req.n]))
-            done = 0
-            while done < len(choices):
+        for c in choices:
+            if chat:
+                yield P.sse(P.chat_role_chunk(rid, model, created, c.index))
+            elif echo:
+                yield P.sse(P.completion_chunk(rid, model, created, c.index, echo[c.index // req.n]))
+        left = len(choices)
+        while left:
+            if early:
+                c, text, finish_reason, stop_reason = early.pop(0)
+            else:
                 if _TEST_STREAM_DELAY:
                     await asyncio.sleep(_TEST_STREAM_DELAY)
-                c, text, finish_reason, stop_reason = await queue.get()
-                if isinstance(text, Exception):
-                    err = text if isinstance(text, P.APIError) else P.APIError.server_error(str(text))
+                h, item = await queue.get()
+                c = h.owner
+                if c.closed:
+                    continue  # an event after a stop string ended it here
+                try:
+                    text = c.on_item(item)
+                except Exception as e:  # the stream reports it and ends
+                    err = e if isinstance(e, P.APIError) else P.APIError.server_error(str(e))
                     yield P.sse(P.error_body(err))
                     yield P.SSE_DONE
                     return
-                final = finish_reason is not None
-                done += final
-                if not (text or final or c.unsent):
+                if text is None:
                     continue
-                lp = logprobs_of(c)
-                if chat:
-                    chunk = P.chat_chunk(rid, model, created, c.index, content=text if text or not final else None,
-                                         logprobs=lp, finish_reason=finish_reason, stop_reason=stop_reason)
-                else:
-                    chunk = P.completion_chunk(rid, model, created, c.index, text, lp, finish_reason, stop_reason)
-                chunk["choices"][0]["token_ids"], c.unsent = c.unsent, []
-                yield P.sse(chunk)
-            if req.include_usage:
-                yield P.sse(P.usage_chunk(rid, model, created, P.usage(n_prompt, sum(c.num_tokens for c in choices)),
-                                          chat))
-            yield P.SSE_DONE
+                finish_reason, stop_reason = c.finish_reason, c.stop_reason
+            final = finish_reason is not None
+            if final:
+                left -= 1
+                c.close(state.metrics)
+            elif not (text or c.unsent):
+                continue
+            lp = logprobs_of(c)
+            if chat:
+                chunk = P.chat_chunk(rid, model, created, c.index, content=text if text or not final else None,
+                                     logprobs=lp, finish_reason=finish_reason, stop_reason=stop_reason)
+            else:
+                chunk = P.completion_chunk(rid, model, created, c.index, text, lp, finish_reason, stop_reason)
+            chunk["choices"][0]["token_ids"], c.unsent = c.unsent, []
+            yield P.sse(chunk)
+        if req.include_usage:
+            yield P.sse(P.usage_chunk(rid, model, created, P.usage(n_prompt, sum(c.num_tokens for c in choices)),
+                                      chat))
+        yield P.SSE_DONE
+    return ClosingStreamingResponse(stream(), close_all, media_type="text/event-stream")
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that calls ``on_close`` however it ends: written out, the client
+    gone (even before the first chunk, when the body never starts), or an error. The
+    client's disconnect is watched by one plain asyncio task that cancels the stream (what
+    Starlette does with an anyio task group, at less cost per request)."""
+
+    def __init__(self, content, on_close, **kw):
+        super().__init__(content, **kw)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        async def watch():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        body = asyncio.ensure_future(self.stream_response(send))
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await asyncio.wait((body, watcher), return_when=asyncio.FIRST_COMPLETED)
+            if body.done():
+                body.result()  # its error, if it failed
         finally:
-            for t in tasks:
+            for t in (body, watcher):
                 t.cancel()
-    return StreamingResponse(stream(), media_type="text/event-stream")
+            await asyncio.gather(body, watcher, return_exceptions=True)
+            self.on_close()
 
 
 async def run_all(request: Request, state: ServerState, choices: list[Choice]) -> None:
     """Every choice to its end; a client that disconnects first cancels them (which aborts
     their engine requests); the first error is raised."""
-    tasks = [asyncio.create_task(run_choice(state, c, lambda c, text: None)) for c in choices]
+    tasks = [asyncio.create_task(run_choice(state, c)) for c in choices]
     gathered = asyncio.gather(*tasks)
     try:
         while True:

@@ -3,8 +3,9 @@
 asyncio queue, one wake-up of the event loop per engine step.
 
     client = EngineClient(conn, on_stats)
-    h = client.submit(prompt_ids, params, asyncio_loop)   # thread-safe
-    item = await h.queue.get()     # Accepted, then TokenEvent..., or Failed
+    h = client.submit(prompt_ids, params, asyncio_loop)   # thread-safe; a queue of its own
+    h2 = client.submit(prompt_ids, params, asyncio_loop, queue=q, owner=x)  # or a shared one
+    h, item = await h.queue.get()  # (its handle, Accepted), then TokenEvent..., or Failed
     client.abort(h)                # client gone, stop string: the engine frees its KV blocks
     client.queued(), client.draining, client.stopped      # for /health and --max-waiting
     client.run()                   # the HTTP process's main thread: read the engine's messages
@@ -23,16 +24,17 @@ from typing import Callable
 from .loop import Accepted, Failed, Stats
 
 
-@dataclass
+@dataclass(eq=False)
 class RequestHandle:
     hid: int
-    queue: asyncio.Queue
+    queue: asyncio.Queue  # gets (this handle, item) for each engine item
     aio: asyncio.AbstractEventLoop
+    owner: object = None  # whatever the submitter wants to find from an item of a shared queue
 
 
 def _deliver(items) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
+    for h, item in items:
+        h.queue.put_nowait((h, item))
 
 
 class EngineClient:
@@ -48,14 +50,15 @@ class EngineClient:
 
 
     # ------------------------------------------------------- event-loop side
-    def submit(self, prompt: list[int], params, aio: asyncio.AbstractEventLoop) -> RequestHandle:
-        h = RequestHandle(next(self.ids), asyncio.Queue(), aio)
+    def submit(self, prompt: list[int], params, aio: asyncio.AbstractEventLoop,
+               queue: asyncio.Queue | None = None, owner=None) -> RequestHandle:
+        h = RequestHandle(next(self.ids), queue if queue is not None else asyncio.Queue(), aio, owner)
         with self.lock:
             if self.stopped:
-                h.queue.put_nowait(Failed(500, "the engine has stopped"))
+                h.queue.put_nowait((h, Failed(500, "the engine has stopped")))
                 return h
             if self.draining:
-                h.queue.put_nowait(Failed(503, "the server is shutting down"))
+                h.queue.put_nowait((h, Failed(503, "the server is shutting down")))
                 return h
             self.open[h.hid] = h
             self.unanswered.add(h.hid)
@@ -99,7 +102,7 @@ class EngineClient:
                         continue  # aborted here already
                     if isinstance(item, Failed) or getattr(item, "finished", False):
                         del self.open[hid]
-                    by_loop.setdefault(h.aio, []).append((h.queue, item))
+                    by_loop.setdefault(h.aio, []).append((h, item))
             for aio, batch in by_loop.items():
                 aio.call_soon_threadsafe(_deliver, batch)
             if self.on_stats is not None:
@@ -108,4 +111,4 @@ class EngineClient:
             self.stopped = True
             left, self.open = list(self.open.values()), {}
         for h in left:
-            h.aio.call_soon_threadsafe(h.queue.put_nowait, Failed(500, "the engine stopped"))
+            h.aio.call_soon_threadsafe(h.queue.put_nowait, (h, Failed(500, "the engine stopped")))
