@@ -289,6 +289,45 @@ def _error_text(obj: dict) -> str:
     return str(err)[:300]
 
 
+def _sse_line(raw: bytes, rec: RequestRecord, st: float, now: float) -> bool:
+    """One line of the stream into ``rec`` (``now``: when it arrived); True at ``data: [DONE]``."""
+    line = raw.decode("utf-8", "replace").strip()
+    if not line.startswith("data:"):
+        return False  # blank separators, ": comments", event:/id: fields
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return True
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        raise RequestFailed(f"malformed SSE data: {data[:200]!r}") from None
+    if not isinstance(obj, dict):
+        raise RequestFailed(f"SSE data is not an object: {data[:200]!r}")
+    if "error" in obj or obj.get("object") == "error":
+        raise RequestFailed(f"error chunk: {_error_text(obj)}")
+    choices = obj.get("choices") or []
+    if choices:
+        c = choices[0] if isinstance(choices[0], dict) else {}
+        text, role_only = c.get("text"), False
+        if text is None and isinstance(c.get("delta"), dict):  # chat-style chunks
+            text = c["delta"].get("content")
+            role_only = "role" in c["delta"] and not text  # the role chunk is no token
+        text = text or ""
+        if text or (c.get("finish_reason") is None and not role_only):
+            rec.token_times_s.append(now - st)
+            rec.text_chars += len(text)
+        if c.get("finish_reason"):
+            rec.finish_reason = c["finish_reason"]
+    usage = obj.get("usage")
+    if isinstance(usage, dict):
+        if isinstance(usage.get("completion_tokens"), int):
+            rec.output_tokens_from = "usage"
+            rec.output_tokens = usage["completion_tokens"]
+        if isinstance(usage.get("prompt_tokens"), int):
+            rec.usage_prompt_tokens = usage["prompt_tokens"]
+    return False
+
+
 async def _stream(client: aiohttp.ClientSession, url: str, headers: dict, payload: dict,
                   rec: RequestRecord, st: float) -> None:
     max_lines = 8 * payload["max_tokens"] + 64  # a bound on the SSE loop besides --timeout
@@ -298,46 +337,22 @@ async def _stream(client: aiohttp.ClientSession, url: str, headers: dict, payloa
             raise RequestFailed(f"HTTP {resp.status}: {body}")
         done = False
         lines = 0
-        async for raw in resp.content:
-            lines += 1
+        rest = b""
+        # whatever arrived, split into lines here: one await per read, not one per line
+        async for data in resp.content.iter_any():
+            now = time.perf_counter()
+            *whole, rest = (rest + data).split(b"\n")
+            lines += len(whole)
             if lines > max_lines:
                 raise RequestFailed(f"more than {max_lines} SSE lines for max_tokens {payload['max_tokens']}")
-            line = raw.decode("utf-8", "replace").strip()
-            if not line.startswith("data:"):
-                continue  # blank separators, ": comments", event:/id: fields
-            data = line[5:].strip()
-            if data == "[DONE]":
-                done = True
+            for raw in whole:
+                if _sse_line(raw, rec, st, now):
+                    done = True
+                    break
+            if done:
                 break
-            try:
-                obj = json.loads(data)
-            except ValueError:
-                raise RequestFailed(f"malformed SSE data: {data[:200]!r}") from None
-            if not isinstance(obj, dict):
-                raise RequestFailed(f"SSE data is not an object: {data[:200]!r}")
-            if "error" in obj or obj.get("object") == "error":
-                raise RequestFailed(f"error chunk: {_error_text(obj)}")
-            now = time.perf_counter()
-            choices = obj.get("choices") or []
-            if choices:
-                c = choices[0] if isinstance(choices[0], dict) else {}
-                text, role_only = c.get("text"), False
-                if text is None and isinstance(c.get("delta"), dict):  # chat-style chunks
-                    text = c["delta"].get("content")
-                    role_only = "role" in c["delta"] and not text  # the role chunk is no token
-                text = text or ""
-                if text or (c.get("finish_reason") is None and not role_only):
-                    rec.token_times_s.append(now - st)
-                    rec.text_chars += len(text)
-                if c.get("finish_reason"):
-                    rec.finish_reason = c["finish_reason"]
-            usage = obj.get("usage")
-            if isinstance(usage, dict):
-                if isinstance(usage.get("completion_tokens"), int):
-                    rec.output_tokens_from = "usage"
-                    rec.output_tokens = usage["completion_tokens"]
-                if isinstance(usage.get("prompt_tokens"), int):
-                    rec.usage_prompt_tokens = usage["prompt_tokens"]
+        if not done and rest.strip():
+            done = _sse_line(rest, rec, st, time.perf_counter())  # a last line without its newline
         if not done:
             raise RequestFailed("stream ended without data: [DONE]")
     if not rec.token_times_s:
