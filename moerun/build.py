@@ -17,6 +17,7 @@ import torch
 from .comm import Comm
 from .config import ModelConfig
 from .dtypes import RUN_DTYPES, check_dtype
+from .hugepages import rehome_on_huge_pages
 from .kvcache import KVCache
 from .model import AttnMeta, MoEModel
 from .weights import init_random, load_checkpoint
@@ -62,6 +63,8 @@ def build_model(model: str, *, comm: Comm | None = None, layers: range | None = 
     else:
         init_random(m, seed)
         m.load_report = None
+    if dev.type == "cpu":  # the decode step streams the weights: 2 MiB pages (moerun.hugepages)
+        rehome_on_huge_pages(m)
     return m.eval()
 
 
