@@ -27,8 +27,8 @@ class KVCache:
         nbytes = torch.empty((), dtype=dtype).element_size() * (num_blocks + 1) * block_size * kv_heads * head_dim
         # attention reads blocks all over the cache: 2 MiB pages, for a cache worth them
         if torch.device(device).type == "cpu" and nbytes >= hugepages.MIN_BYTES and hugepages.enabled():
-            def zeros():
-                return hugepages.huge_zeros(shape, dtype)
+            def zeros():  # written through now, as torch.zeros would: no page faults in the first steps
+                return hugepages.huge_zeros(shape, dtype).zero_()
         else:
             def zeros():
                 return torch.zeros(shape, dtype=dtype, device=device)
