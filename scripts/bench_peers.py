@@ -40,15 +40,33 @@ def first_error(stderr: str) -> str:
 
 def _peer_run(args, worker: Path, ep: int, extra: list[str]) -> dict:
     """One torchrun of a peer worker with args.deepspeed_python; its JSON, or {"error": ...}."""
+    port = free_port()
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "peer.json"
         cmd = [args.deepspeed_python, "-m", "torch.distributed.run", f"--nproc_per_node={ep}",
-               f"--master_port={free_port()}", str(worker), *extra, str(out)]
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                           env={**os.environ, "LOCAL_SIZE": str(ep), "OMP_NUM_THREADS": "1"})
+               f"--master_port={port}", str(worker), *extra, str(out)]
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                               env={**os.environ, "LOCAL_SIZE": str(ep), "OMP_NUM_THREADS": "1"})
+        finally:
+            remove_deepspeed_shm(port)
         if p.returncode != 0 or not out.exists():
             return {"ep": ep, "error": first_error(p.stderr)}
         return json.loads(out.read_text())
+
+
+def remove_deepspeed_shm(port: int, shm: Path = Path("/dev/shm")) -> list[str]:
+    """Delete the shared-memory allreduce buffers DeepSpeed's CPU backend made for the run on
+    ``port`` (``deepspeed_allreduce_buffer_<rank>_<addr>_<port>_<i>``, 64 MiB each): it leaves
+    them behind when its processes exit, and a few benchmark runs would fill /dev/shm."""
+    gone = []
+    for f in shm.glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        try:
+            f.unlink()
+            gone.append(f.name)
+        except OSError:
+            pass
+    return gone
 
 
 VLLM_MODELS = ("tiny", "cpu-1024")
