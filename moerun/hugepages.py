@@ -3,11 +3,11 @@
 A decode step on the CPU streams every routed expert's weights from memory. On 4 KiB pages
 that is a page-table walk every 64 cache lines, and the expert kernel reads several weight
 rows at once, each in its own page; on 2 MiB pages the walks all but vanish. On the 2-core
-Intel Xeon of docs/perf.md this alone made decoding 9-13% faster (the cpu-1024 and tiny
-presets).
+Intel Xeon of docs/perf.md this made decoding 8-9% faster on the cpu-1024 preset and 5-7%
+on tiny.
 
     n, nbytes = rehome_on_huge_pages(model)   # after the weights are in; CPU tensors only
-    cache_tensor = huge_zeros(shape, dtype)    # a fresh zeroed tensor on huge pages
+    t = zeros(shape, dtype, device)            # torch.zeros, on huge pages where that pays
     thp_mode()                                 # "always" / "madvise" / "never" / None
 
 Linux gives huge pages to anonymous memory marked MADV_HUGEPAGE when the system's mode
@@ -20,6 +20,7 @@ Nothing is moved with the mode "never", on a system without the file (not Linux)
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
 
@@ -56,12 +57,18 @@ def huge_bytes(nbytes: int) -> torch.Tensor:
 
 
 def huge_zeros(shape, dtype: torch.dtype) -> torch.Tensor:
-    """``torch.zeros(shape, dtype=dtype)`` on huge pages (anonymous memory comes zeroed)."""
-    n = 1
-    for s in shape:
-        n *= int(s)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return huge_bytes(max(n * itemsize, 1)).view(dtype)[:n].view(tuple(shape))
+    """``torch.zeros(shape, dtype=dtype)`` on huge pages (anonymous memory comes zeroed; its
+    pages are only faulted in when first touched)."""
+    n = math.prod(shape)
+    return huge_bytes(max(n * dtype.itemsize, 1)).view(dtype)[:n].view(tuple(shape))
+
+
+def zeros(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """``torch.zeros``, on huge pages for a CPU tensor of at least ``MIN_BYTES`` when enabled,
+    written through at once as torch.zeros is (no page faults later, in a step)."""
+    if torch.device(device).type == "cpu" and math.prod(shape) * dtype.itemsize >= MIN_BYTES and enabled():
+        return huge_zeros(shape, dtype).zero_()
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def rehome(t: torch.Tensor) -> torch.Tensor:

@@ -24,16 +24,9 @@ class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype=torch.float32, device="cpu"):
         shape = (num_blocks + 1, block_size, kv_heads, head_dim)  # + the scratch block
-        nbytes = torch.empty((), dtype=dtype).element_size() * (num_blocks + 1) * block_size * kv_heads * head_dim
-        # attention reads blocks all over the cache: 2 MiB pages, for a cache worth them
-        if torch.device(device).type == "cpu" and nbytes >= hugepages.MIN_BYTES and hugepages.enabled():
-            def zeros():  # written through now, as torch.zeros would: no page faults in the first steps
-                return hugepages.huge_zeros(shape, dtype).zero_()
-        else:
-            def zeros():
-                return torch.zeros(shape, dtype=dtype, device=device)
-        self.k = [zeros() for _ in range(num_layers)]
-        self.v = [zeros() for _ in range(num_layers)]
+        # attention reads blocks all over the cache: on the CPU, 2 MiB pages (moerun.hugepages)
+        self.k = [hugepages.zeros(shape, dtype, device) for _ in range(num_layers)]
+        self.v = [hugepages.zeros(shape, dtype, device) for _ in range(num_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
         self.scratch_block = num_blocks  # written by padding rows, read by no sequence
 

@@ -345,10 +345,7 @@ async def _stream(client: aiohttp.ClientSession, url: str, headers: dict, payloa
             lines += len(whole)
             if lines > max_lines:
                 raise RequestFailed(f"more than {max_lines} SSE lines for max_tokens {payload['max_tokens']}")
-            for raw in whole:
-                if _sse_line(raw, rec, st, now):
-                    done = True
-                    break
+            done = any(_sse_line(raw, rec, st, now) for raw in whole)  # stops at [DONE]
             if done:
                 break
         if not done and rest.strip():

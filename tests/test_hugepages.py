@@ -67,3 +67,15 @@ def test_model_on_huge_pages_computes_the_same_logits(monkeypatch):
     assert w13.stride() == (w13.shape[1] * w13.shape[2], 1, w13.shape[1])  # still the K-major view
     for a, b in zip(forward_logits(m, prompts), ref):
         assert torch.equal(a, b)
+
+
+def test_zeros_takes_huge_pages_only_where_they_pay(monkeypatch):
+    made, real = [], hp.huge_zeros
+    monkeypatch.setattr(hp, "huge_zeros", lambda shape, dtype: made.append(tuple(shape)) or real(shape, dtype))
+    monkeypatch.setattr(hp, "enabled", lambda: True)
+    small, big = hp.zeros((4, 16), torch.float32, "cpu"), hp.zeros((2, 1 << 20), torch.float32, "cpu")
+    for t in (small, big):
+        assert t.dtype == torch.float32 and not t.any()
+    assert made == [(2, 1 << 20)]  # 8 MiB: on huge pages; 256 bytes: not
+    monkeypatch.setattr(hp, "enabled", lambda: False)
+    assert hp.zeros((2, 1 << 20), torch.float32, "cpu").shape == (2, 1 << 20) and made == [(2, 1 << 20)]

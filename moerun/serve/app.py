@@ -30,14 +30,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import __version__
 from . import protocol as P
 from .chat import chat_prompt_ids
+from .client import EngineClient
+from .detok import TextStream
+from .loop import Accepted, Failed
+from .metrics import RequestClock, ServerMetrics
 
 # seconds a stream waits before it reads each piece (tests: the engine's events pile up, as
 # they do when it runs faster than the stream is written)
 _TEST_STREAM_DELAY = float(os.environ.get("MOERUN_TEST_STREAM_DELAY", 0) or 0)
-from .detok import TextStream
-from .client import EngineClient
-from .loop import Accepted, Failed
-from .metrics import RequestClock, ServerMetrics
 
 
 @dataclass(frozen=True)
@@ -347,22 +347,27 @@ async def respond(request: Request, state: ServerState, req, choices: list[Choic
     engine = state.serving()
     for c in choices:
         c.submit(engine, queue)
-    # (choice, text, finish_reason, stop_reason) read while waiting for the acceptances; the
-    # finish state is the choice's when the piece was made (a later piece may finish it)
-    early: list = []
+
+    async def read():
+        """The next engine item of a choice not yet finished here, as a piece: (choice, text,
+        finish_reason, stop_reason), text None for an Accepted. The finish state is taken
+        now: a later piece of the same choice may finish it before this one is sent."""
+        while True:
+            h, item = await queue.get()
+            c = h.owner
+            if c.finish_reason is None:  # else: an event after a stop string ended it here
+                text = c.on_item(item)
+                return c, text, c.finish_reason, c.stop_reason
 
     def close_all():
         for c in choices:
             c.close(state.metrics)
+    early: list = []  # pieces read while waiting for the acceptances
     try:  # a refusal before the first token is an HTTP error, not a 200 stream with an error in it
         while not all(c.accepted for c in choices):
-            h, item = await queue.get()
-            c = h.owner
-            if c.finish_reason is not None:
-                continue  # an event after a stop string ended it here
-            text = c.on_item(item)
-            if text is not None:
-                early.append((c, text, c.finish_reason, c.stop_reason))
+            piece = await read()
+            if piece[1] is not None:
+                early.append(piece)
     except BaseException:
         close_all()
         raise
@@ -380,12 +385,8 @@ async def respond(request: Request, state: ServerState, req, choices: list[Choic
             else:
                 if _TEST_STREAM_DELAY:
                     await asyncio.sleep(_TEST_STREAM_DELAY)
-                h, item = await queue.get()
-                c = h.owner
-                if c.closed:
-                    continue  # an event after a stop string ended it here
                 try:
-                    text = c.on_item(item)
+                    c, text, finish_reason, stop_reason = await read()
                 except Exception as e:  # the stream reports it and ends
                     err = e if isinstance(e, P.APIError) else P.APIError.server_error(str(e))
                     yield P.sse(P.error_body(err))
@@ -393,7 +394,6 @@ async def respond(request: Request, state: ServerState, req, choices: list[Choic
                     return
                 if text is None:
                     continue
-                finish_reason, stop_reason = c.finish_reason, c.stop_reason
             final = finish_reason is not None
             if final:
                 left -= 1
