@@ -9,6 +9,7 @@ False and ``torch_fused_moe`` keeps its PyTorch paths.
                                           scale=D ** -0.5, write=(slot_T, k_TND, v_TND))
         cpu_ext.rope_qk_(q_TND, k_TND, cos_TR, sin_TR)             # in place; False if not taken
         h_TH, x_TH = cpu_ext.add_rmsnorm(a_TH, b_TH, weight_H, eps)  # or None if not taken
+        weights_TK, ids_TK = cpu_ext.route_softmax(x_TH, w_EH, b_E, k, renormalize, scaling)  # or None
 
 Build: ``$CC`` (default ``cc``) ``-O3 -march=native -fopenmp -shared`` into
 ``$MOERUN_CACHE_DIR`` (default ``~/.cache/moerun``)/``moe_cpu-<hash>.so``, the hash over the
@@ -87,6 +88,36 @@ def _build() -> Path:
     return out
 
 
+_sgemm: int | None = None
+
+
+def _find_sgemm() -> int | None:
+    """The address of the BLAS ``sgemm_`` (Fortran interface, 32-bit ints) that PyTorch's CPU
+    library links and exports (MKL on x86-64 wheels, OpenBLAS on others), or None."""
+    global _sgemm
+    lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        path = os.path.join(lib_dir, name)
+        if os.path.exists(path):
+            try:
+                _sgemm = ctypes.cast(ctypes.CDLL(path).sgemm_, ctypes.c_void_p).value
+            except (OSError, AttributeError):
+                _sgemm = None
+            break
+    return _sgemm
+
+
+def sgemm() -> int | None:
+    """The sgemm the fused decode step calls (None: not found; that path is then off)."""
+    _load()
+    return _sgemm
+
+
+def decode_layers(step, layers, num_layers: int) -> int:
+    """``decode_layers_f32`` on ctypes structures built by ``moerun.model.cpu_fused``."""
+    return _load().decode_layers_f32(ctypes.byref(step), layers, num_layers)
+
+
 def _load():
     global _lib, _error
     if _lib is not None or _error is not None:
@@ -107,6 +138,18 @@ def _load():
         lib.rope_qk_f32.restype = None
         lib.add_rmsnorm_f32.argtypes = [P, P, P, P, Fl, I, I, P]
         lib.add_rmsnorm_f32.restype = None
+        lib.route_softmax_f32.argtypes = [P, I, I, P, P, I, I, ctypes.c_int, Fl, P, P]
+        lib.route_softmax_f32.restype = None
+        lib.moerun_set_threads.argtypes = [ctypes.c_int]
+        lib.moerun_set_threads.restype = None
+        lib.moerun_threads.restype = ctypes.c_int
+        lib.moerun_set_sgemm.argtypes = [P]
+        lib.moerun_set_sgemm.restype = None
+        lib.decode_layers_f32.argtypes = [P, P, I]
+        lib.decode_layers_f32.restype = ctypes.c_int
+        fn = _find_sgemm()
+        if fn is not None:
+            lib.moerun_set_sgemm(fn)
         _lib = lib
     except Exception as exc:  # no compiler, a failed build or load: the PyTorch paths remain
         _error = f"{type(exc).__name__}: {exc}"
@@ -240,3 +283,36 @@ def add_rmsnorm(a_TH: torch.Tensor, b_TH: torch.Tensor | None, weight_H: torch.T
     lib.add_rmsnorm_f32(a_TH.data_ptr(), None if b_TH is None else b_TH.data_ptr(),
                         h.data_ptr(), weight_H.data_ptr(), float(eps), T, H, x.data_ptr())
     return h, x
+
+
+MAX_ROUTED_EXPERTS = 1024  # route_softmax_f32's per-token buffer
+
+
+def route_softmax(x_TH: torch.Tensor, weight_EH: torch.Tensor, bias_E: torch.Tensor | None, k: int,
+                  renormalize: bool, scaling: float = 1.0):
+    """The router linear and ``route(..., scoring="softmax")`` in one C call, when it can (CPU
+    float32, contiguous, E <= 1024): ``(weights_TK float32, ids_TK int32)``, or None when it
+    cannot (nothing computed then)."""
+    ts = (x_TH, weight_EH) if bias_E is None else (x_TH, weight_EH, bias_E)
+    if not _f32_cpu(*ts) or x_TH.dim() != 2 or weight_EH.dim() != 2 or not all(t.is_contiguous() for t in ts):
+        return None
+    T, H = x_TH.shape
+    E = weight_EH.shape[0]
+    if weight_EH.shape[1] != H or E > MAX_ROUTED_EXPERTS or not 1 <= k <= E or (
+            bias_E is not None and tuple(bias_E.shape) != (E,)):
+        return None
+    lib = _load()
+    if lib is None:
+        return None
+    w = torch.empty((T, k), dtype=torch.float32)
+    ids = torch.empty((T, k), dtype=torch.int32)
+    lib.route_softmax_f32(x_TH.data_ptr(), T, H, weight_EH.data_ptr(), None if bias_E is None else bias_E.data_ptr(),
+                          E, k, int(bool(renormalize)), float(scaling), w.data_ptr(), ids.data_ptr())
+    return w, ids
+
+
+def set_threads(n: int) -> None:
+    """Threads of the C kernels' parallel regions: ``n`` > 0, or 0 for PyTorch's thread count."""
+    lib = _load()
+    if lib is not None:
+        lib.moerun_set_threads(int(n))

@@ -74,12 +74,15 @@ VLLM_MODELS = ("tiny", "cpu-1024")
 
 def vllm_env(args) -> dict:
     """vLLM's CPU backend tuned as its docs advise: every core bound to its OpenMP threads,
-    tcmalloc and Intel OpenMP preloaded (each only where it is found)."""
+    tcmalloc and Intel OpenMP preloaded (each only where it is found). Its KV cache is a fixed
+    1 GiB (``VLLM_CPU_KVCACHE_SPACE``, unless set): sized from a share of host memory instead,
+    it refuses to start once the model's own memory exceeds that share (cpu-1024 does on a
+    machine whose NUMA node holds 18 GiB)."""
     preload = [p for p in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
                            str(Path(args.vllm_python).resolve().parents[1] / "lib" / "libiomp5.so"))
                if Path(p).exists()]
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}",
-           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     if preload:
         env["LD_PRELOAD"] = ":".join(preload)
     return env

@@ -1,8 +1,9 @@
 """The C expert kernel of the CPU path (kernels/csrc/moe_cpu.c via kernels/cpu_ext.py)
 equals the readable reference and a float64 computation on fresh random inputs: both
-activations, expert biases, expert-parallel slices, widths on and off the 16-float vector
-path, experts with more slots than one pass takes; and it is optional: without a compiler the
-PyTorch paths run."""
+activations, expert biases, expert-parallel slices, widths on and off the vector path (16
+floats with AVX-512, 8 with AVX2), experts with more slots than one pass takes, gate values
+far into both tails of the silu; the softmax router likewise; and it is optional: without a
+compiler the PyTorch paths run."""
 import importlib
 
 import pytest
@@ -194,3 +195,94 @@ def test_add_rmsnorm_equals_rmsnorm_and_float64(T, H):
         assert only[0] is a and (only[1].double() - exact_a).abs().max().item() <= 1e-5
     if T > 1:  # a non-contiguous input is not taken (the caller falls back to PyTorch)
         assert cpu_ext.add_rmsnorm(torch.randn(H, T).t(), None, norm.weight, 1e-5) is None
+
+
+@needs_ext
+@pytest.mark.parametrize("kind", ["silu", "swiglu_oai"])
+def test_c_kernel_activation_over_a_wide_range(kind):
+    """Gate values from -90 to 90 (the vector exp's clamped tails and every range between):
+    still the float64 result, relative to the output's size."""
+    n, H, F = 4, 32, 64
+    w13, w2 = experts(n, H, F)
+    w13 = w13 * 40  # |gate| up to ~90 for unit x
+    act = ExpertAct(kind=kind, alpha=1.7, limit=7.0)
+    weights, ids = routing(24, 2, n)
+    x = torch.randn(24, H)
+    g = torch.einsum("eoh,th->teo", w13, x)[..., :F]
+    assert g.max() > 80 and g.min() < -80
+    out = fm.torch_fused_moe(x, w13, w2, weights, ids, path="ext", act=act)
+    exact = float64_moe(x, w13, w2, weights, ids, 0, act)
+    assert torch.isfinite(out).all()
+    assert (out.double() - exact).abs().max().item() <= 2e-6 * exact.abs().max().item()
+
+
+def float64_route(x, w, b, k, renormalize, scaling):
+    logits = x.double() @ w.double().t() + (b.double() if b is not None else 0)
+    p = torch.softmax(logits, dim=-1)
+    top, ids = torch.topk(p, k, dim=-1)
+    if renormalize:
+        top = top / top.sum(-1, keepdim=True)
+    return top * scaling, ids
+
+
+@needs_ext
+@pytest.mark.parametrize("T, H, E, k", [(1, 128, 64, 2), (32, 128, 64, 2), (13, 37, 8, 8), (70, 96, 128, 8),
+                                        (5, 64, 1024, 4), (0, 16, 8, 2), (300, 128, 64, 2)])
+@pytest.mark.parametrize("renormalize, scaling, bias", [(True, 1.0, False), (False, 1.0, True),
+                                                        (False, 2.5, False)])
+def test_route_softmax_equals_reference_and_float64(T, H, E, k, renormalize, scaling, bias):
+    """The router linear + softmax + top-k in one C call equals F.linear then the reference
+    router (ids exactly, weights to 1e-6) and a float64 computation; ids by descending weight."""
+    from moerun.kernels.router import reference_route
+    x, w = torch.randn(T, H), torch.randn(E, H) * 0.3
+    b = torch.randn(E) if bias else None
+    got = cpu_ext.route_softmax(x, w, b, k, renormalize, scaling)
+    assert got is not None
+    weights, ids = got
+    assert weights.shape == ids.shape == (T, k) and weights.dtype == torch.float32 and ids.dtype == torch.int32
+    ref_w, ref_ids = reference_route(torch.nn.functional.linear(x, w, b), k, scoring="softmax",
+                                     renormalize=renormalize, scaling=scaling)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_w, rtol=1e-5, atol=1e-6)
+    ex_w, ex_ids = float64_route(x, w, b, k, renormalize, scaling)
+    assert torch.equal(ids.long(), ex_ids)
+    assert (weights.double() - ex_w).abs().max().item() <= 1e-6 if T else True
+
+
+@needs_ext
+def test_route_softmax_ties_take_the_lower_id_and_rules():
+    x = torch.ones(3, 16)
+    w = torch.zeros(6, 16)
+    w[[1, 4]] = 1.0  # experts 1 and 4 tie on top, the rest tie below
+    weights, ids = cpu_ext.route_softmax(x, w, None, 3, True)
+    assert ids.tolist() == [[1, 4, 0]] * 3
+    # not taken (None, nothing computed): float64, non-contiguous, more than 1024 experts, bad k
+    assert cpu_ext.route_softmax(x.double(), w.double(), None, 2, True) is None
+    assert cpu_ext.route_softmax(torch.randn(16, 3).t(), w, None, 2, True) is None
+    assert cpu_ext.route_softmax(x, torch.randn(1025, 16), None, 2, True) is None
+    assert cpu_ext.route_softmax(x, w, None, 7, True) is None
+
+
+@needs_ext
+def test_moe_block_routes_through_the_c_router_like_the_reference(monkeypatch):
+    """MoE.route on CPU float32 under inference takes the C router, and equals the PyTorch one."""
+    from moerun.comm import Comm
+    from moerun.config import ModelConfig
+    from moerun.model.moe import MoE
+    cfg = ModelConfig(model_type="mixtral", vocab_size=32, hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=2,
+                      head_dim=32, num_experts=16, top_k=4, moe_ffn=32, norm_topk_prob=True)
+    moe = MoE(cfg, Comm(), 0)
+    with torch.no_grad():
+        moe.gate.weight.normal_()
+    x = torch.randn(20, 64)
+    calls = []
+    real = cpu_ext.route_softmax
+    monkeypatch.setattr(cpu_ext, "route_softmax", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        w, ids = moe.route(x)
+    assert calls
+    monkeypatch.setattr(cpu_ext, "route_softmax", lambda *a: None)
+    with torch.inference_mode():
+        ref_w, ref_ids = moe.route(x)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(w, ref_w, rtol=1e-5, atol=1e-6)

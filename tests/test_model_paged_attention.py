@@ -78,6 +78,7 @@ def test_model_with_cpu_c_attention(family, hf_checkpoint, monkeypatch):
     import moerun.model.attention as A
     path, hf = hf_checkpoint(family)
     model = build_model(str(path), dtype="float32", device="cpu")
+    model.set_fused_cpu(False)  # the layer path's choice of kernel (the fused step: tests/test_cpu_fused.py)
     vocab = model.cfg.vocab_size
     seqs = [torch.randint(0, vocab, (11,)).tolist(), torch.randint(0, vocab, (7,)).tolist()]
     tables = [[9, 2, 5], [0, 7, 11]]

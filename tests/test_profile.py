@@ -76,10 +76,11 @@ def test_phases_add_up_to_each_step_and_other_is_small():
     rep = engine.worker.profile_report()
     covered = sum(rep["phases_s"].values())
     assert covered + rep["other_s"] == pytest.approx(rep["wall_s"], rel=1e-9, abs=1e-9)
-    # other = Python glue between the phases, a fixed cost per layer: 9-10% of this tiny run on
-    # the 2-core CI machine since the C expert kernel (the experts alone are ~30%, so a phase
-    # left unmeasured would show far above the bound)
-    assert rep["other_s"] < 0.15 * rep["wall_s"], rep
+    # other = the engine's Python glue between the phases, about 2 ms a step: 13-19% of this
+    # tiny run on a 2-core machine through the fused CPU decode step (moerun.model.cpu_fused),
+    # whose C loop marks its own phases (the experts alone are ~50%, so a phase left unmeasured
+    # would show far above the bound)
+    assert rep["other_s"] < 0.25 * rep["wall_s"], rep
     assert sum(s[3] for s in prof.steps) == sum(len(p) + NEW - 1 for p in prompts)  # every token fed once
     for tick, start, wall, names, offs, durs in prof.timeline:  # the trace's segments follow one another
         ends = [off + d for off, d in zip(offs, durs)]
@@ -87,26 +88,32 @@ def test_phases_add_up_to_each_step_and_other_is_small():
 
 
 def test_expert_counts_equal_the_routers_choices(mixtral):
-    """Count the router's top-k independently, from the gate logits of every MoE layer."""
+    """Count the router's top-k independently, from every MoE layer's input and gate weight (on
+    the layer path, where the MoE block is a module call); the fused CPU decode step, whose router
+    runs inside its C loop, counts the same."""
     _, model = mixtral
     cfg = model.cfg
+    fused_counts = run(model, True)[0].worker.profile_report()["experts"]
+    model.set_fused_cpu(False)
     mine: dict[int, torch.Tensor] = {}
 
     def hook(layer):
-        def count(_module, _inputs, logits_tE):
+        def count(moe, inputs):
+            logits_tE = torch.nn.functional.linear(inputs[0], moe.gate.weight)
             _, ids = kernels.topk_softmax(logits_tE, cfg.top_k, cfg.norm_topk_prob)
             mine[layer] = mine.get(layer, 0) + torch.bincount(ids.reshape(-1).long(), minlength=cfg.num_experts)
         return count
     moes = [m for m in model.modules() if isinstance(m, MoE)]
-    handles = [m.gate.register_forward_hook(hook(m.layer)) for m in moes]
+    handles = [m.register_forward_pre_hook(hook(m.layer)) for m in moes]
     try:
         engine, _ = run(model, True)
     finally:
         for h in handles:
             h.remove()
+    model.set_fused_cpu(True)
     got = engine.worker.profile_report()["experts"]
     assert sorted(got) == [m.layer for m in moes] == sorted(mine)
-    assert got == {layer: c.tolist() for layer, c in mine.items()}
+    assert got == {layer: c.tolist() for layer, c in mine.items()} == fused_counts
     slots = cfg.top_k * sum(len(p) + NEW - 1 for p in PROMPTS)
     assert all(sum(c) == slots for c in got.values())
 

@@ -18,13 +18,125 @@
  * Built at first use by kernels/cpu_ext.py (gcc -O3 -march=native -fopenmp); when no compiler
  * is found the PyTorch path runs instead.
  */
+#define _POSIX_C_SOURCE 199309L /* clock_gettime */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+/* The explicit vector path: 16 float lanes with AVX-512, 8 with AVX2 + FMA; without either the
+ * `omp simd` loops below are what the compiler makes of them. */
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#define VL 16
+typedef __m512 vf;
+#define V_LOAD _mm512_loadu_ps
+#define V_STORE _mm512_storeu_ps
+#define V_SET1 _mm512_set1_ps
+#define V_FMA _mm512_fmadd_ps
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define VL 8
+typedef __m256 vf;
+#define V_LOAD _mm256_loadu_ps
+#define V_STORE _mm256_storeu_ps
+#define V_SET1 _mm256_set1_ps
+#define V_FMA _mm256_fmadd_ps
 #endif
+
+/* exp on VL lanes: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by Cephes' degree-6 polynomial,
+ * 2^n by the exponent bits; within 2 ulp of expf over the clamped range [-87.3, 88.37] (below
+ * it 2^n would be a denormal: such inputs get exp(-87.3) = 1.3e-38, which a sum over
+ * positive terms or a silu's 1 + exp(-g) does not see). */
+#if VL == 16
+static inline vf v_exp(vf x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, V_SET1(-87.3f)), V_SET1(88.3762626647949f));
+    const vf n = _mm512_roundscale_ps(V_FMA(x, V_SET1(1.44269504088896341f), V_SET1(0.5f)),
+                                      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    x = V_FMA(n, V_SET1(-0.693359375f), x);
+    x = V_FMA(n, V_SET1(2.12194440e-4f), x);
+    vf y = V_SET1(1.9875691500e-4f);
+    y = V_FMA(y, x, V_SET1(1.3981999507e-3f));
+    y = V_FMA(y, x, V_SET1(8.3334519073e-3f));
+    y = V_FMA(y, x, V_SET1(4.1665795894e-2f));
+    y = V_FMA(y, x, V_SET1(1.6666665459e-1f));
+    y = V_FMA(y, x, V_SET1(5.0000001201e-1f));
+    y = V_FMA(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, V_SET1(1.0f)));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+#define V_ADD _mm512_add_ps
+#define V_SUB _mm512_sub_ps
+#define V_MUL _mm512_mul_ps
+#define V_DIV _mm512_div_ps
+#elif VL == 8
+static inline vf v_exp(vf x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, V_SET1(-87.3f)), V_SET1(88.3762626647949f));
+    const vf n = _mm256_floor_ps(V_FMA(x, V_SET1(1.44269504088896341f), V_SET1(0.5f)));
+    x = V_FMA(n, V_SET1(-0.693359375f), x);
+    x = V_FMA(n, V_SET1(2.12194440e-4f), x);
+    vf y = V_SET1(1.9875691500e-4f);
+    y = V_FMA(y, x, V_SET1(1.3981999507e-3f));
+    y = V_FMA(y, x, V_SET1(8.3334519073e-3f));
+    y = V_FMA(y, x, V_SET1(4.1665795894e-2f));
+    y = V_FMA(y, x, V_SET1(1.6666665459e-1f));
+    y = V_FMA(y, x, V_SET1(5.0000001201e-1f));
+    y = V_FMA(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, V_SET1(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#define V_ADD _mm256_add_ps
+#define V_SUB _mm256_sub_ps
+#define V_MUL _mm256_mul_ps
+#define V_DIV _mm256_div_ps
+#endif
+
+/* v[i] = exp(v[i] - m) for i < n; returns their sum */
+static float exp_sub_sum(float *v, int64_t n, float m) {
+    int64_t i = 0;
+    float sum = 0.0f;
+#if defined(VL)
+    vf acc = V_SET1(0.0f);
+    const vf mv = V_SET1(m);
+    for (; i + VL <= n; i += VL) {
+        const vf e = v_exp(V_SUB(V_LOAD(v + i), mv));
+        V_STORE(v + i, e);
+        acc = V_ADD(acc, e);
+    }
+    float lanes[VL];
+    V_STORE(lanes, acc);
+    for (int l = 0; l < VL; ++l) sum += lanes[l];
+#endif
+    for (; i < n; ++i) {
+        v[i] = expf(v[i] - m);
+        sum += v[i];
+    }
+    return sum;
+}
+
+/* h[f] = silu(g[f]) * u[f] = g / (1 + exp(-g)) * u for f < n */
+static void silu_mul(const float *g, const float *u, float *h, int64_t n) {
+    int64_t f = 0;
+#if defined(VL)
+    const vf one = V_SET1(1.0f), neg = V_SET1(-1.0f);
+    for (; f + VL <= n; f += VL) {
+        const vf gv = V_LOAD(g + f);
+        const vf e = v_exp(V_MUL(gv, neg));
+        V_STORE(h + f, V_MUL(V_DIV(gv, V_ADD(one, e)), V_LOAD(u + f)));
+    }
+#endif
+    for (; f < n; ++f) h[f] = g[f] / (1.0f + expf(-g[f])) * u[f];
+}
+
+#include <omp.h>
+
+/* Threads of this library's parallel regions: 0 = OpenMP's current default (PyTorch's
+ * thread count), else this many (moerun_set_threads: PyTorch's own small operations can then
+ * run on one thread while the streaming kernels here use every core). */
+static int n_threads = 0;
+void moerun_set_threads(int n) { n_threads = n > 0 ? n : 0; }
+int moerun_threads(void) { return n_threads > 0 ? n_threads : omp_get_max_threads(); }
+#define NT moerun_threads()
 
 #define MB 8 /* slots of one expert per pass over its weights */
 
@@ -37,21 +149,21 @@ enum { ACT_SILU = 0, ACT_SWIGLU_OAI = 1 };
 static void rows_gemm(const float *const *a, int M, const float *W, int64_t Kd, int64_t N,
                       float *const *acc) {
     int64_t k = 0;
-#if defined(__AVX512F__)
+#if defined(VL)
     /* the RB weight vectors of a column block are loaded once for all M slots */
-    if (N % 16 == 0) {
+    if (N % VL == 0) {
         for (; k + RB <= Kd; k += RB) {
             const float *w = W + k * N;
             float xs[MB][RB];
             for (int m = 0; m < M; ++m)
                 for (int r = 0; r < RB; ++r) xs[m][r] = a[m][k + r];
-            for (int64_t n = 0; n < N; n += 16) {
-                __m512 wr[RB];
-                for (int r = 0; r < RB; ++r) wr[r] = _mm512_loadu_ps(w + r * N + n);
+            for (int64_t n = 0; n < N; n += VL) {
+                vf wr[RB];
+                for (int r = 0; r < RB; ++r) wr[r] = V_LOAD(w + r * N + n);
                 for (int m = 0; m < M; ++m) {
-                    __m512 v = _mm512_loadu_ps(acc[m] + n);
-                    for (int r = 0; r < RB; ++r) v = _mm512_fmadd_ps(_mm512_set1_ps(xs[m][r]), wr[r], v);
-                    _mm512_storeu_ps(acc[m] + n, v);
+                    vf v = V_LOAD(acc[m] + n);
+                    for (int r = 0; r < RB; ++r) v = V_FMA(V_SET1(xs[m][r]), wr[r], v);
+                    V_STORE(acc[m] + n, v);
                 }
             }
         }
@@ -130,7 +242,7 @@ int moe_experts_f32(const float *x, int64_t T, int64_t H, int64_t F,
         free(fill);
     }
     int failed = 0;
-#pragma omp parallel
+#pragma omp parallel num_threads(NT)
     {
         float *gu = aligned_alloc(64, ((size_t)MB * 2 * F * sizeof(float) + 63) / 64 * 64);
         float *hb = aligned_alloc(64, ((size_t)MB * F * sizeof(float) + 63) / 64 * 64);
@@ -166,7 +278,7 @@ int moe_experts_f32(const float *x, int64_t T, int64_t H, int64_t F,
                         h[f] = gc / (1.0f + expf(-alpha * gc)) * (uc + 1.0f);
                     }
                 } else {
-                    for (int64_t f = 0; f < F; ++f) h[f] = g[f] / (1.0f + expf(-g[f])) * u[f];
+                    silu_mul(g, u, h, F);
                 }
             }
             rows_gemm((const float *const *)ha, (int)M, w2 + e * F * H, F, H, ya);
@@ -207,22 +319,22 @@ int moe_experts_f32(const float *x, int64_t T, int64_t H, int64_t F,
  * per query head joins the softmax denominator. Work items are (sequence, KV head): each
  * reads its keys and values once for its tokens' G heads. Scores, softmax and output in
  * float32. Returns 0, or -1 when scratch memory could not be allocated. */
-int paged_attention_f32(const float *q, int64_t T, int64_t Nq, int64_t D,
-                        float *kc, float *vc, int64_t block_size, int64_t Nkv,
-                        const float *k_new, const float *v_new, const int64_t *slot,
-                        const int64_t *table, int64_t B, int64_t P,
-                        const int64_t *cu_q, const int64_t *pos, int64_t max_len,
-                        float scale, int64_t window, const float *sinks, float *out) {
+static int attend_f32(const float *q, int64_t q_row, int64_t T, int64_t Nq, int64_t D,
+                      float *kc, float *vc, int64_t block_size, int64_t Nkv,
+                      const float *k_new, const float *v_new, int64_t new_row, const int64_t *slot,
+                      const int64_t *table, int64_t B, int64_t P,
+                      const int64_t *cu_q, const int64_t *pos, int64_t max_len,
+                      float scale, int64_t window, const float *sinks, float *out) {
     const int64_t G = Nq / Nkv, row = Nkv * D;
-    if (k_new) {
-#pragma omp parallel for schedule(static)
+    if (k_new) { /* a decode step's rows are a few KiB: threads only for a prefill's */
+#pragma omp parallel for schedule(static) if (T * row > (1 << 16)) num_threads(NT)
         for (int64_t t = 0; t < T; ++t) {
-            memcpy(kc + slot[t] * row, k_new + t * row, (size_t)row * sizeof(float));
-            memcpy(vc + slot[t] * row, v_new + t * row, (size_t)row * sizeof(float));
+            memcpy(kc + slot[t] * row, k_new + t * new_row, (size_t)row * sizeof(float));
+            memcpy(vc + slot[t] * row, v_new + t * new_row, (size_t)row * sizeof(float));
         }
     }
     int failed = 0;
-#pragma omp parallel
+#pragma omp parallel num_threads(NT)
     {
         float *s = malloc((size_t)(G * (max_len > 0 ? max_len : 1)) * sizeof(float));
         float *acc = malloc((size_t)(G * D) * sizeof(float));
@@ -239,7 +351,7 @@ int paged_attention_f32(const float *q, int64_t T, int64_t Nq, int64_t D,
                 const int64_t hi = pos[t];
                 const int64_t lo = (window > 0 && hi - window + 1 > 0) ? hi - window + 1 : 0;
                 const int64_t L = hi - lo + 1;
-                const float *qt = q + (t * Nq + kvh * G) * D;
+                const float *qt = q + t * q_row + kvh * G * D;
                 float mx[64], den[64];
                 const int64_t Gc = G < 64 ? G : 64; /* G <= 64 is checked by the caller */
                 for (int64_t j0 = lo; j0 <= hi;) { /* block by block: one table lookup per block */
@@ -265,13 +377,8 @@ int paged_attention_f32(const float *q, int64_t T, int64_t Nq, int64_t D,
                 for (int64_t g = 0; g < Gc; ++g) {
                     const float sink = sinks ? sinks[kvh * G + g] : -INFINITY;
                     const float m = sink > mx[g] ? sink : mx[g];
-                    float sum = sinks ? expf(sink - m) : 0.0f;
-                    float *sg = s + g * L;
-                    for (int64_t j = 0; j < L; ++j) {
-                        sg[j] = expf(sg[j] - m);
-                        sum += sg[j];
-                    }
-                    den[g] = sum;
+                    const float sum = sinks ? expf(sink - m) : 0.0f;
+                    den[g] = sum + exp_sub_sum(s + g * L, L, m);
                 }
                 memset(acc, 0, (size_t)(G * D) * sizeof(float));
                 for (int64_t j0 = lo; j0 <= hi;) {
@@ -300,6 +407,16 @@ int paged_attention_f32(const float *q, int64_t T, int64_t Nq, int64_t D,
     return failed ? -1 : 0;
 }
 
+int paged_attention_f32(const float *q, int64_t T, int64_t Nq, int64_t D,
+                        float *kc, float *vc, int64_t block_size, int64_t Nkv,
+                        const float *k_new, const float *v_new, const int64_t *slot,
+                        const int64_t *table, int64_t B, int64_t P,
+                        const int64_t *cu_q, const int64_t *pos, int64_t max_len,
+                        float scale, int64_t window, const float *sinks, float *out) {
+    return attend_f32(q, Nq * D, T, Nq, D, kc, vc, block_size, Nkv, k_new, v_new, Nkv * D, slot, table, B, P,
+                      cu_q, pos, max_len, scale, window, sinks, out);
+}
+
 /* ---- the per-layer glue of a decode step, float32 --------------------------------------
  * rope_qk_f32: rotate-half RoPE in place on the first R dims of every head of q [T][Nq][D]
  * and k [T][Nkv][D] (rows q_row / k_row floats apart, heads D apart), cos/sin [T][R]:
@@ -309,7 +426,7 @@ int paged_attention_f32(const float *q, int64_t T, int64_t Nq, int64_t D,
 static void rope_rows(float *x, int64_t T, int64_t N, int64_t D, int64_t row, const float *cos_t,
                       const float *sin_t, int64_t R) {
     const int64_t half = R / 2;
-#pragma omp parallel for schedule(static) if (T * N * R > 65536)
+#pragma omp parallel for schedule(static) if (T * N * R > 65536) num_threads(NT)
     for (int64_t t = 0; t < T; ++t) {
         const float *c = cos_t + t * R, *s = sin_t + t * R;
         for (int64_t n = 0; n < N; ++n) {
@@ -332,7 +449,7 @@ void rope_qk_f32(float *q, int64_t Nq, int64_t q_row, float *k, int64_t Nkv, int
 
 void add_rmsnorm_f32(const float *a, const float *b, float *h_out, const float *w, float eps,
                      int64_t T, int64_t H, float *x_out) {
-#pragma omp parallel for schedule(static) if (T * H > 65536)
+#pragma omp parallel for schedule(static) if (T * H > 65536) num_threads(NT)
     for (int64_t t = 0; t < T; ++t) {
         const float *ra = a + t * H, *rb = b ? b + t * H : NULL;
         float *h = h_out + t * H, *x = x_out + t * H;
@@ -353,4 +470,151 @@ void add_rmsnorm_f32(const float *a, const float *b, float *h_out, const float *
 #pragma omp simd
         for (int64_t i = 0; i < H; ++i) x[i] = w[i] * (src[i] * r);
     }
+}
+
+/* ---- the softmax router, float32 ---------------------------------------------------------
+ * For each token t of x [T][H]: logits l[e] = x[t] . W[e] (+ bias[e]) for the router weight
+ * W [E][H]; probabilities p = softmax(l); the K largest by value, ties to the lower id,
+ * in descending order; with renorm their weights are p / sum of the K p's; times scaling.
+ * kernels/router.py's reference_route with scoring "softmax". E <= 1024 (checked by the
+ * caller). */
+static void route_rows(const float *x, int64_t T, int64_t H, const float *W, const float *bias, int64_t E,
+                       int64_t K, int renorm, float scaling, float *w_out, int32_t *ids_out, int64_t *ids64) {
+#pragma omp parallel for schedule(static) if (T * E * H > (1 << 18)) num_threads(NT)
+    for (int64_t t = 0; t < T; ++t) {
+        float l[1024];
+        const float *xt = x + t * H;
+        for (int64_t e = 0; e < E; ++e) {
+            const float *we = W + e * H;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t h = 0; h < H; ++h) dot += xt[h] * we[h];
+            l[e] = bias ? dot + bias[e] : dot;
+        }
+        float m = -INFINITY;
+        for (int64_t e = 0; e < E; ++e) m = l[e] > m ? l[e] : m;
+        const float inv = 1.0f / exp_sub_sum(l, E, m);
+        float *wt = w_out + t * K;
+        int32_t *it = ids_out ? ids_out + t * K : NULL;
+        int64_t *it64 = ids64 ? ids64 + t * K : NULL;
+        float total = 0.0f;
+        for (int64_t j = 0; j < K; ++j) {
+            int64_t best = 0;
+            for (int64_t e = 1; e < E; ++e) best = l[e] > l[best] ? e : best;
+            wt[j] = l[best] * inv;
+            if (it) it[j] = (int32_t)best;
+            if (it64) it64[j] = best;
+            total += wt[j];
+            l[best] = -1.0f; /* below every probability: not chosen again */
+        }
+        const float scale = renorm ? scaling / total : scaling;
+        for (int64_t j = 0; j < K; ++j) wt[j] *= scale;
+    }
+}
+
+void route_softmax_f32(const float *x, int64_t T, int64_t H, const float *W, const float *bias, int64_t E,
+                       int64_t K, int renorm, float scaling, float *w_out, int32_t *ids_out) {
+    route_rows(x, T, H, W, bias, E, K, renorm, scaling, w_out, ids_out, NULL);
+}
+
+/* ---- a decode step's whole decoder stack in one call ------------------------------------
+ * For each of L layers of a Mixtral-style MoE decoder (kernels above, and the BLAS sgemm
+ * PyTorch links, for the dense projections), on the residual stream h [T][H] in place:
+ *   x = rmsnorm(h) * in_norm;  [q|k|v] = x Wqkv^T (+ b);  rope on q, k;  write k, v to the
+ *   cache, attend;  h += attn Wo^T (+ b);  x = rmsnorm(h) * post_norm;  route x (softmax,
+ *   top-k);  h += experts(x).
+ * moerun.model.cpu_fused decides when a model and a step qualify and lays out the arguments;
+ * it is exactly DecoderLayer.forward's arithmetic in the same order, op by op. With marks
+ * given, each phase's start (CLOCK_MONOTONIC seconds, what time.perf_counter reads on Linux)
+ * and id are recorded for the profiler. Returns 0, -1 when scratch memory could not be
+ * allocated, -2 without an sgemm. */
+typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *, const float *,
+                         const float *, const int *, const float *, const int *, const float *, float *,
+                         const int *);
+static sgemm_fn sgemm_ptr = NULL;
+void moerun_set_sgemm(void *fn) { sgemm_ptr = (sgemm_fn)fn; }
+
+typedef struct {
+    const float *in_norm, *post_norm;
+    const float *wqkv, *bqkv; /* [Nq D + 2 Nkv D][H], its bias or NULL */
+    const float *wo, *bo;     /* [H][Nq D] */
+    const float *wg, *bg;     /* [E][H] */
+    const float *w13, *w2;    /* K-major experts, as moe_experts_f32 takes them */
+    float *kc, *vc;           /* this layer's cache [blocks][block_size][Nkv][D] */
+    int64_t window;
+} LayerArgs;
+
+typedef struct {
+    float *h, *x, *qkv, *attn, *a, *out; /* h [T][H] in and out; the rest scratch */
+    float *route_w;                      /* [L][T][K] */
+    int64_t *route_ids;                  /* [L][T][K] */
+    const float *cos, *sin;              /* [T][R] */
+    const int64_t *slot, *table, *cu_q, *pos;
+    int64_t T, H, Nq, Nkv, D, R, E, K, F, B, P, max_len, block_size, renorm;
+    float eps, scale, scaling, pad_;
+    double *mark_t; /* NULL: no marks; else room for 7 per layer and one */
+    int64_t *mark_ph;
+    int64_t nmarks;
+} StepArgs;
+
+enum { PH_NORM = 0, PH_QKV, PH_ATTENTION, PH_O_PROJ, PH_ROUTER, PH_EXPERTS };
+
+
+static void mark(StepArgs *s, int64_t ph) {
+    if (!s->mark_t) return;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    s->mark_t[s->nmarks] = (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+    s->mark_ph[s->nmarks++] = ph;
+}
+
+/* out[T][N] = x[T][K] W[N][K]^T (+ b[N]) */
+static void linear(const float *x, int64_t T, int64_t K, const float *W, const float *b, int64_t N, float *out) {
+    const int m = (int)N, n = (int)T, k = (int)K;
+    const float one = 1.0f, zero = 0.0f;
+    sgemm_ptr("T", "N", &m, &n, &k, &one, W, &k, x, &k, &zero, out, &m);
+    if (b)
+        for (int64_t t = 0; t < T; ++t) {
+            float *o = out + t * N;
+#pragma omp simd
+            for (int64_t j = 0; j < N; ++j) o[j] += b[j];
+        }
+}
+
+int decode_layers_f32(StepArgs *s, const LayerArgs *layers, int64_t L) {
+    if (!sgemm_ptr) return -2;
+    const int64_t T = s->T, H = s->H, Q = s->Nq * s->D, KV = s->Nkv * s->D, QKV = Q + 2 * KV, K = s->K;
+    for (int64_t l = 0; l < L; ++l) {
+        const LayerArgs *y = layers + l;
+        mark(s, PH_NORM);
+        add_rmsnorm_f32(s->h, NULL, s->h, y->in_norm, s->eps, T, H, s->x);
+        mark(s, PH_QKV);
+        linear(s->x, T, H, y->wqkv, y->bqkv, QKV, s->qkv);
+        rope_qk_f32(s->qkv, s->Nq, QKV, s->qkv + Q, s->Nkv, QKV, T, s->D, s->cos, s->sin, s->R);
+        mark(s, PH_ATTENTION);
+        if (attend_f32(s->qkv, QKV, T, s->Nq, s->D, y->kc, y->vc, s->block_size, s->Nkv, s->qkv + Q, s->qkv + Q + KV,
+                       QKV, s->slot, s->table, s->B, s->P, s->cu_q, s->pos, s->max_len, s->scale, y->window, NULL,
+                       s->attn) != 0)
+            return -1;
+        mark(s, PH_O_PROJ);
+        linear(s->attn, T, Q, y->wo, y->bo, H, s->a);
+        mark(s, PH_NORM);
+        add_rmsnorm_f32(s->h, s->a, s->h, y->post_norm, s->eps, T, H, s->x);
+        mark(s, PH_ROUTER);
+        float *rw = s->route_w + l * T * K;
+        int64_t *ri = s->route_ids + l * T * K;
+        route_rows(s->x, T, H, y->wg, y->bg, s->E, K, (int)s->renorm, s->scaling, rw, NULL, ri);
+        mark(s, PH_EXPERTS);
+        if (moe_experts_f32(s->x, T, H, s->F, ri, rw, K, 0, s->E, y->w13, y->w2, NULL, NULL, ACT_SILU, 0.0f, 0.0f,
+                            s->out) != 0)
+            return -1;
+        for (int64_t t = 0; t < T; ++t) {
+            float *hh = s->h + t * H;
+            const float *o = s->out + t * H;
+#pragma omp simd
+            for (int64_t i = 0; i < H; ++i) hh[i] += o[i];
+        }
+    }
+    mark(s, -1);
+    return 0;
 }

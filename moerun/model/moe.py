@@ -112,6 +112,12 @@ class MoE(nn.Module):
 
     def route(self, x_tH: torch.Tensor):
         cfg = self.cfg
+        if cfg.scoring == "softmax" and cfg.n_group == 1 and not torch.is_grad_enabled():
+            # CPU float32: the router linear, softmax and top-k in one C call (None: not taken)
+            fast = kernels.cpu_ext.route_softmax(x_tH, self.gate.weight, self.gate.bias, cfg.top_k,
+                                                 cfg.norm_topk_prob, cfg.routed_scaling)
+            if fast is not None:
+                return fast
         if cfg.scoring == "sigmoid":  # float32 logits: near-equal scores choose the reference's experts
             bias = self.gate.bias.float() if self.gate.bias is not None else None
             logits_tE = F.linear(x_tH.float(), self.gate.weight.float(), bias)

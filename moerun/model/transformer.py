@@ -17,6 +17,7 @@ from ..config import ModelConfig
 from ..profile import NULL_PROFILER
 from ..weights_spec import TensorSpec
 from .attention import Attention, AttnMeta
+from .cpu_fused import FusedDecodeCPU
 from .layers import LMHead, RMSNorm, VocabParallelEmbedding, rope_cos_sin
 from .moe import MoE, DenseMLP
 from .rope import rope_parameters
@@ -90,14 +91,33 @@ class MoEModel(nn.Module):
             h = x
         with prof.phase("qkv"):  # the rotary tables every layer's q and k use
             cos, sin = rope_cos_sin(positions_T, self.rope_inv_freq, h.dtype, self.rope_attention_factor)
-        for j, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, meta, cache, j, prof)
+        fused = self._fused_cpu.run(h, cos, sin, meta, cache, prof) if self._fused_cpu is not None else None
+        if fused is not None:  # CPU float32 decode: the whole stack in one C call (moerun.model.cpu_fused)
+            h = fused
+        else:
+            for j, layer in enumerate(self.layers):
+                h = layer(h, cos, sin, meta, cache, j, prof)
         if not self.is_last:
             return h
         with prof.phase("lm_head"):
             if logits_rows is not None:
                 h = h[logits_rows]
             return self.lm_head(self.norm(h), prof).float()
+
+    def set_fused_cpu(self, enabled: bool) -> None:
+        """Let CPU decode steps take the fused C stack (the default where the model
+        qualifies), or keep every step on the layer path."""
+        self.__dict__["_fused"] = None if enabled else False
+
+    @property
+    def _fused_cpu(self) -> FusedDecodeCPU | None:
+        """The fused CPU decode path, built at the first forward (the weights are loaded by
+        then); None where the model cannot take it."""
+        f = self.__dict__.get("_fused")
+        if f is None:
+            f = FusedDecodeCPU(self) if self.rope_inv_freq.device.type == "cpu" else False
+            self.__dict__["_fused"] = f
+        return f if f and f.enabled else None
 
     def specs(self) -> list[TensorSpec]:
         s = self.embed_tokens.specs("model.embed_tokens.weight") if self.is_first else []

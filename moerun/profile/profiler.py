@@ -107,6 +107,9 @@ class NullProfiler:
     def count_experts(self, layer: int, ids_tK: torch.Tensor, num_experts: int) -> None:
         pass
 
+    def external_marks(self, times: list[float], names: list) -> None:
+        pass
+
     def note_activation(self, *tensors: torch.Tensor) -> None:
         pass
 
@@ -154,6 +157,7 @@ class Profiler:
         self._stack: list[str] = []
         self._marks: list[tuple] = []  # (clock reading or CUDA event, phase or None): the time from here is phase's
         self._t0: float | None = None  # host perf_counter at step_begin; None: no step open
+        self._external = 0  # marks of the open step that external_marks added
         self._events: list = []  # CUDA: the event pool; the open step's marks use the first _used
         self._used = 0
         self._clock = self._cuda_mark if self.cuda else time.perf_counter
@@ -187,6 +191,21 @@ class Profiler:
         ev.record()
         return ev
 
+    def external_marks(self, times: list[float], names: list) -> None:
+        """Phase boundaries timed elsewhere (a C loop over the layers): at ``times[i]``
+        (``time.perf_counter`` seconds) phase ``names[i]`` began; None ends them, and the
+        phase that was open before resumes."""
+        if self.cuda:
+            raise ValueError("external_marks: CPU clock readings, but this profiler times CUDA events")
+        if self._t0 is None:
+            self.step_begin()
+        outer = self._stack[-1] if self._stack else None
+        for t, name in zip(times, names):
+            if name is not None and name not in self._phases:
+                raise ValueError(f"unknown profiler phase {name!r}: one of {', '.join(PHASES)}")
+            self._marks.append((t, name if name is not None else outer))
+        self._external += len(times)  # not Python phase calls: the overhead estimate leaves them out
+
     # --------------------------------------------------------------- steps
     def step_begin(self) -> None:
         """Open a step (no-op when one is open: what ran before belongs to it)."""
@@ -214,7 +233,8 @@ class Profiler:
         marks, tick = self._marks, self._tick
         marks.append((end, None))
         self._t0, self._tick, self._marks = None, None, []
-        self.phase_calls += (len(marks) - 2) // 2  # every enter and exit left one mark
+        self.phase_calls += (len(marks) - 2 - self._external) // 2  # every enter and exit left one mark
+        self._external = 0
         if tick is None:
             self.bookkeeping_s += time.perf_counter() - t_book
             return
