@@ -92,8 +92,9 @@ _sgemm: int | None = None
 
 
 def _find_sgemm() -> int | None:
-    """The address of the BLAS ``sgemm_`` (Fortran interface, 32-bit ints) that PyTorch's CPU
-    library links and exports (MKL on x86-64 wheels, OpenBLAS on others), or None."""
+    """The address of the BLAS ``sgemm_`` (Fortran interface, 32-bit ints: the LP64 MKL of the
+    x86-64 wheels, OpenBLAS elsewhere) that PyTorch's CPU library links and exports, or None.
+    tests/test_cpu_fused.py checks its results against F.linear's on each machine."""
     global _sgemm
     lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
     for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):

@@ -44,35 +44,37 @@ typedef __m256 vf;
 #define V_FMA _mm256_fmadd_ps
 #endif
 
-/* exp on VL lanes: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by Cephes' degree-6 polynomial,
- * 2^n by the exponent bits; within 2 ulp of expf over the clamped range [-87.3, 88.37] (below
- * it 2^n would be a denormal: such inputs get exp(-87.3) = 1.3e-38, which a sum over
- * positive terms or a silu's 1 + exp(-g) does not see). */
 #if VL == 16
-static inline vf v_exp(vf x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, V_SET1(-87.3f)), V_SET1(88.3762626647949f));
-    const vf n = _mm512_roundscale_ps(V_FMA(x, V_SET1(1.44269504088896341f), V_SET1(0.5f)),
-                                      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    x = V_FMA(n, V_SET1(-0.693359375f), x);
-    x = V_FMA(n, V_SET1(2.12194440e-4f), x);
-    vf y = V_SET1(1.9875691500e-4f);
-    y = V_FMA(y, x, V_SET1(1.3981999507e-3f));
-    y = V_FMA(y, x, V_SET1(8.3334519073e-3f));
-    y = V_FMA(y, x, V_SET1(4.1665795894e-2f));
-    y = V_FMA(y, x, V_SET1(1.6666665459e-1f));
-    y = V_FMA(y, x, V_SET1(5.0000001201e-1f));
-    y = V_FMA(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, V_SET1(1.0f)));
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
-}
 #define V_ADD _mm512_add_ps
 #define V_SUB _mm512_sub_ps
 #define V_MUL _mm512_mul_ps
 #define V_DIV _mm512_div_ps
+#define V_MIN _mm512_min_ps
+#define V_MAX _mm512_max_ps
+#define V_FLOOR(x) _mm512_roundscale_ps((x), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)
+/* 2^n for integral float lanes n, by the exponent bits */
+#define V_POW2(n) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), \
+                                                                         _mm512_set1_epi32(127)), 23))
 #elif VL == 8
+#define V_ADD _mm256_add_ps
+#define V_SUB _mm256_sub_ps
+#define V_MUL _mm256_mul_ps
+#define V_DIV _mm256_div_ps
+#define V_MIN _mm256_min_ps
+#define V_MAX _mm256_max_ps
+#define V_FLOOR(x) _mm256_floor_ps(x)
+#define V_POW2(n) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), \
+                                                                         _mm256_set1_epi32(127)), 23))
+#endif
+
+/* exp on VL lanes: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by Cephes' degree-6 polynomial,
+ * 2^n by the exponent bits; within 2 ulp of expf over the clamped range [-87.3, 88.37] (below
+ * it 2^n would be a denormal: such inputs get exp(-87.3) = 1.3e-38, which a sum over
+ * positive terms or a silu's 1 + exp(-g) does not see). */
+#if defined(VL)
 static inline vf v_exp(vf x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, V_SET1(-87.3f)), V_SET1(88.3762626647949f));
-    const vf n = _mm256_floor_ps(V_FMA(x, V_SET1(1.44269504088896341f), V_SET1(0.5f)));
+    x = V_MIN(V_MAX(x, V_SET1(-87.3f)), V_SET1(88.3762626647949f));
+    const vf n = V_FLOOR(V_FMA(x, V_SET1(1.44269504088896341f), V_SET1(0.5f)));
     x = V_FMA(n, V_SET1(-0.693359375f), x);
     x = V_FMA(n, V_SET1(2.12194440e-4f), x);
     vf y = V_SET1(1.9875691500e-4f);
@@ -81,14 +83,9 @@ static inline vf v_exp(vf x) {
     y = V_FMA(y, x, V_SET1(4.1665795894e-2f));
     y = V_FMA(y, x, V_SET1(1.6666665459e-1f));
     y = V_FMA(y, x, V_SET1(5.0000001201e-1f));
-    y = V_FMA(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, V_SET1(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    y = V_FMA(y, V_MUL(x, x), V_ADD(x, V_SET1(1.0f)));
+    return V_MUL(y, V_POW2(n));
 }
-#define V_ADD _mm256_add_ps
-#define V_SUB _mm256_sub_ps
-#define V_MUL _mm256_mul_ps
-#define V_DIV _mm256_div_ps
 #endif
 
 /* v[i] = exp(v[i] - m) for i < n; returns their sum */

@@ -96,7 +96,9 @@ def why_not(model) -> str | None:
 class FusedDecodeCPU:
     """The fused path of one model (stage). The layers' tensors are collected once; the C
     table of their addresses (and the KV cache's) is rebuilt whenever one of them moved (a
-    ``.data`` swap, a new cache), which one tuple of addresses per step detects."""
+    ``.data`` swap, a new cache), which one tuple of addresses per step detects. A parameter
+    replaced by a new object after the first forward is not seen: ``model.set_fused_cpu(True)``
+    collects them again."""
 
     def __init__(self, model):
         self.model = model
