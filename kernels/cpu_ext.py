@@ -141,9 +141,6 @@ def _load():
         lib.add_rmsnorm_f32.restype = None
         lib.route_softmax_f32.argtypes = [P, I, I, P, P, I, I, ctypes.c_int, Fl, P, P]
         lib.route_softmax_f32.restype = None
-        lib.moerun_set_threads.argtypes = [ctypes.c_int]
-        lib.moerun_set_threads.restype = None
-        lib.moerun_threads.restype = ctypes.c_int
         lib.moerun_set_sgemm.argtypes = [P]
         lib.moerun_set_sgemm.restype = None
         lib.decode_layers_f32.argtypes = [P, P, I]
@@ -310,10 +307,3 @@ def route_softmax(x_TH: torch.Tensor, weight_EH: torch.Tensor, bias_E: torch.Ten
     lib.route_softmax_f32(x_TH.data_ptr(), T, H, weight_EH.data_ptr(), None if bias_E is None else bias_E.data_ptr(),
                           E, k, int(bool(renormalize)), float(scaling), w.data_ptr(), ids.data_ptr())
     return w, ids
-
-
-def set_threads(n: int) -> None:
-    """Threads of the C kernels' parallel regions: ``n`` > 0, or 0 for PyTorch's thread count."""
-    lib = _load()
-    if lib is not None:
-        lib.moerun_set_threads(int(n))

@@ -125,16 +125,6 @@ static void silu_mul(const float *g, const float *u, float *h, int64_t n) {
     for (; f < n; ++f) h[f] = g[f] / (1.0f + expf(-g[f])) * u[f];
 }
 
-#include <omp.h>
-
-/* Threads of this library's parallel regions: 0 = OpenMP's current default (PyTorch's
- * thread count), else this many (moerun_set_threads: PyTorch's own small operations can then
- * run on one thread while the streaming kernels here use every core). */
-static int n_threads = 0;
-void moerun_set_threads(int n) { n_threads = n > 0 ? n : 0; }
-int moerun_threads(void) { return n_threads > 0 ? n_threads : omp_get_max_threads(); }
-#define NT moerun_threads()
-
 #define MB 8 /* slots of one expert per pass over its weights */
 
 enum { ACT_SILU = 0, ACT_SWIGLU_OAI = 1 };
@@ -239,7 +229,7 @@ int moe_experts_f32(const float *x, int64_t T, int64_t H, int64_t F,
         free(fill);
     }
     int failed = 0;
-#pragma omp parallel num_threads(NT)
+#pragma omp parallel
     {
         float *gu = aligned_alloc(64, ((size_t)MB * 2 * F * sizeof(float) + 63) / 64 * 64);
         float *hb = aligned_alloc(64, ((size_t)MB * F * sizeof(float) + 63) / 64 * 64);
@@ -324,14 +314,14 @@ static int attend_f32(const float *q, int64_t q_row, int64_t T, int64_t Nq, int6
                       float scale, int64_t window, const float *sinks, float *out) {
     const int64_t G = Nq / Nkv, row = Nkv * D;
     if (k_new) { /* a decode step's rows are a few KiB: threads only for a prefill's */
-#pragma omp parallel for schedule(static) if (T * row > (1 << 16)) num_threads(NT)
+#pragma omp parallel for schedule(static) if (T * row > (1 << 16))
         for (int64_t t = 0; t < T; ++t) {
             memcpy(kc + slot[t] * row, k_new + t * new_row, (size_t)row * sizeof(float));
             memcpy(vc + slot[t] * row, v_new + t * new_row, (size_t)row * sizeof(float));
         }
     }
     int failed = 0;
-#pragma omp parallel num_threads(NT)
+#pragma omp parallel
     {
         float *s = malloc((size_t)(G * (max_len > 0 ? max_len : 1)) * sizeof(float));
         float *acc = malloc((size_t)(G * D) * sizeof(float));
@@ -423,7 +413,7 @@ int paged_attention_f32(const float *q, int64_t T, int64_t Nq, int64_t D,
 static void rope_rows(float *x, int64_t T, int64_t N, int64_t D, int64_t row, const float *cos_t,
                       const float *sin_t, int64_t R) {
     const int64_t half = R / 2;
-#pragma omp parallel for schedule(static) if (T * N * R > 65536) num_threads(NT)
+#pragma omp parallel for schedule(static) if (T * N * R > 65536)
     for (int64_t t = 0; t < T; ++t) {
         const float *c = cos_t + t * R, *s = sin_t + t * R;
         for (int64_t n = 0; n < N; ++n) {
@@ -446,7 +436,7 @@ void rope_qk_f32(float *q, int64_t Nq, int64_t q_row, float *k, int64_t Nkv, int
 
 void add_rmsnorm_f32(const float *a, const float *b, float *h_out, const float *w, float eps,
                      int64_t T, int64_t H, float *x_out) {
-#pragma omp parallel for schedule(static) if (T * H > 65536) num_threads(NT)
+#pragma omp parallel for schedule(static) if (T * H > 65536)
     for (int64_t t = 0; t < T; ++t) {
         const float *ra = a + t * H, *rb = b ? b + t * H : NULL;
         float *h = h_out + t * H, *x = x_out + t * H;
@@ -477,7 +467,7 @@ void add_rmsnorm_f32(const float *a, const float *b, float *h_out, const float *
  * caller). */
 static void route_rows(const float *x, int64_t T, int64_t H, const float *W, const float *bias, int64_t E,
                        int64_t K, int renorm, float scaling, float *w_out, int32_t *ids_out, int64_t *ids64) {
-#pragma omp parallel for schedule(static) if (T * E * H > (1 << 18)) num_threads(NT)
+#pragma omp parallel for schedule(static) if (T * E * H > (1 << 18))
     for (int64_t t = 0; t < T; ++t) {
         float l[1024];
         const float *xt = x + t * H;
