@@ -254,12 +254,15 @@ def test_disconnect_mid_stream_frees_the_request(server):
 def test_max_waiting_and_drain(checkpoint):
     """A cache that holds one request: the second waits, the third gets 503; SIGTERM lets
     the running one finish, answers 503 meanwhile, and exits 0."""
-    # 25 blocks of 16 tokens (and the scratch block); a request of 10 + 300 tokens takes 20 of them
-    # each tick held back 10 ms: the first request runs for seconds, not for the few hundred
-    # milliseconds in which a fast machine would finish it before the third request arrives
+    # 25 blocks of 16 tokens (and the scratch block); a request of 200 + 180 tokens takes 24 of
+    # them, its prompt alone 13: while the first runs, the second's prompt cannot be admitted (a
+    # request is admitted on its prompt's blocks, so with a short prompt the second would start
+    # at once, be preempted later and come back: the waiting queue would empty before the
+    # third request arrived on a loaded machine). Each tick held back 10 ms: the first request
+    # runs for seconds, not for the fraction of one in which a fast machine would finish it.
     s = Server(["--model", checkpoint, "--kv-cache-gb", "0.0003", "--block-size", "16", "--max-waiting", "1",
                 "--drain-timeout", "60"], env={"MOERUN_TEST_TICK_DELAY": "0.01"})
-    body = {"prompt": list(range(3, 13)), "max_tokens": 300, "ignore_eos": True, "temperature": 0}
+    body = {"prompt": [3 + i % 150 for i in range(200)], "max_tokens": 180, "ignore_eos": True, "temperature": 0}
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         first = pool.submit(httpx.post, s.url + "/v1/completions", json=body, timeout=120)
         t_end = time.time() + 30
@@ -272,6 +275,7 @@ def test_max_waiting_and_drain(checkpoint):
             time.sleep(0.05)
         r = httpx.post(s.url + "/v1/completions", json=body, timeout=60)  # a loaded CI machine may take > 5 s
         assert r.status_code == 503 and "--max-waiting" in r.json()["error"]["message"]
+        assert s.metric("num_requests_waiting") == 1 and s.metric("num_preemptions_total") == 0  # never admitted
         s.procs[0].send_signal(signal.SIGTERM)
         t_end = time.time() + 10
         while httpx.get(s.url + "/health").status_code != 503:
@@ -279,7 +283,7 @@ def test_max_waiting_and_drain(checkpoint):
             time.sleep(0.05)
         assert httpx.post(s.url + "/v1/completions", json=body, timeout=60).status_code == 503
         assert first.result().status_code == 200 and second.result().status_code == 200
-        assert first.result().json()["usage"]["completion_tokens"] == 300
+        assert first.result().json()["usage"]["completion_tokens"] == 180
     assert s.procs[0].wait(timeout=60) == 0
 
 
