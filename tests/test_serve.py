@@ -263,28 +263,31 @@ def test_max_waiting_and_drain(checkpoint):
     s = Server(["--model", checkpoint, "--kv-cache-gb", "0.0003", "--block-size", "16", "--max-waiting", "1",
                 "--drain-timeout", "60"], env={"MOERUN_TEST_TICK_DELAY": "0.01"})
     body = {"prompt": [3 + i % 150 for i in range(200)], "max_tokens": 180, "ignore_eos": True, "temperature": 0}
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        first = pool.submit(httpx.post, s.url + "/v1/completions", json=body, timeout=120)
-        t_end = time.time() + 30
-        while not s.metric("num_requests_running"):
-            assert time.time() < t_end
-            time.sleep(0.05)
-        second = pool.submit(httpx.post, s.url + "/v1/completions", json=body, timeout=120)
-        while not s.metric("num_requests_waiting"):
-            assert time.time() < t_end
-            time.sleep(0.05)
-        r = httpx.post(s.url + "/v1/completions", json=body, timeout=60)  # a loaded CI machine may take > 5 s
-        assert r.status_code == 503 and "--max-waiting" in r.json()["error"]["message"]
-        assert s.metric("num_requests_waiting") == 1 and s.metric("num_preemptions_total") == 0  # never admitted
-        s.procs[0].send_signal(signal.SIGTERM)
-        t_end = time.time() + 10
-        while httpx.get(s.url + "/health").status_code != 503:
-            assert time.time() < t_end
-            time.sleep(0.05)
-        assert httpx.post(s.url + "/v1/completions", json=body, timeout=60).status_code == 503
-        assert first.result().status_code == 200 and second.result().status_code == 200
-        assert first.result().json()["usage"]["completion_tokens"] == 180
-    assert s.procs[0].wait(timeout=60) == 0
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(httpx.post, s.url + "/v1/completions", json=body, timeout=120)
+            t_end = time.time() + 30
+            while not s.metric("num_requests_running"):
+                assert time.time() < t_end
+                time.sleep(0.05)
+            second = pool.submit(httpx.post, s.url + "/v1/completions", json=body, timeout=120)
+            while not s.metric("num_requests_waiting"):
+                assert time.time() < t_end
+                time.sleep(0.05)
+            r = httpx.post(s.url + "/v1/completions", json=body, timeout=60)  # a loaded CI machine may take > 5 s
+            assert r.status_code == 503 and "--max-waiting" in r.json()["error"]["message"]
+            assert s.metric("num_requests_waiting") == 1 and s.metric("num_preemptions_total") == 0  # never admitted
+            s.procs[0].send_signal(signal.SIGTERM)
+            t_end = time.time() + 10
+            while httpx.get(s.url + "/health").status_code != 503:
+                assert time.time() < t_end
+                time.sleep(0.05)
+            assert httpx.post(s.url + "/v1/completions", json=body, timeout=60).status_code == 503
+            assert first.result().status_code == 200 and second.result().status_code == 200
+            assert first.result().json()["usage"]["completion_tokens"] == 180
+        assert s.procs[0].wait(timeout=60) == 0
+    finally:  # a failed check must not leave the server running
+        s.stop()
 
 
 def test_layout_server_equals_one_process(checkpoint, offline):
