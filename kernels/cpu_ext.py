@@ -95,17 +95,15 @@ def _find_sgemm() -> int | None:
     """The address of the BLAS ``sgemm_`` (Fortran interface, 32-bit ints: the LP64 MKL of the
     x86-64 wheels, OpenBLAS elsewhere) that PyTorch's CPU library links and exports, or None.
     tests/test_cpu_fused.py checks its results against F.linear's on each machine."""
-    global _sgemm
     lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
     for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
         path = os.path.join(lib_dir, name)
         if os.path.exists(path):
             try:
-                _sgemm = ctypes.cast(ctypes.CDLL(path).sgemm_, ctypes.c_void_p).value
+                return ctypes.cast(ctypes.CDLL(path).sgemm_, ctypes.c_void_p).value
             except (OSError, AttributeError):
-                _sgemm = None
-            break
-    return _sgemm
+                return None
+    return None
 
 
 def sgemm() -> int | None:
@@ -120,7 +118,7 @@ def decode_layers(step, layers, num_layers: int) -> int:
 
 
 def _load():
-    global _lib, _error
+    global _lib, _error, _sgemm
     if _lib is not None or _error is not None:
         return _lib
     if os.environ.get("MOERUN_CPU_EXT", "1") == "0":
@@ -145,9 +143,9 @@ def _load():
         lib.moerun_set_sgemm.restype = None
         lib.decode_layers_f32.argtypes = [P, P, I]
         lib.decode_layers_f32.restype = ctypes.c_int
-        fn = _find_sgemm()
-        if fn is not None:
-            lib.moerun_set_sgemm(fn)
+        _sgemm = _find_sgemm()
+        if _sgemm is not None:
+            lib.moerun_set_sgemm(_sgemm)
         _lib = lib
     except Exception as exc:  # no compiler, a failed build or load: the PyTorch paths remain
         _error = f"{type(exc).__name__}: {exc}"

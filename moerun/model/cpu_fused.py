@@ -34,7 +34,7 @@ from .attention import CPU_KERNEL_MAX_NEW
 from .moe import MoE
 
 _PHASE_NAMES = ("norm", "qkv", "attention", "o_proj", "router", "experts")  # the C enum's order
-_F, _I, _P, _D = ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
+_F, _I, _P = ctypes.c_float, ctypes.c_int64, ctypes.c_void_p
 
 
 class LayerArgs(ctypes.Structure):
