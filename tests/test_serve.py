@@ -177,6 +177,36 @@ def test_stream_keeps_every_piece_when_events_pile_up(checkpoint):
         assert s.stop() == [0]
 
 
+def test_stream_interval_sends_tokens_n_at_a_time(checkpoint, offline):
+    """--stream-interval 3: the first token alone, then 3 per chunk (more only when chunks
+    pile up), the rest with the finish; the text, the token ids and the logprobs are those of
+    the whole answer, and the latency metrics still count one gap per token."""
+    s = Server(["--model", checkpoint, "--served-model-name", "mx", "--stream-interval", "3"])
+    try:
+        prompt, n = [5, 9, 33, 7], 11
+        want = offline([prompt], n)[0]
+        kw = dict(model="mx", prompt=prompt, max_tokens=n, temperature=0, logprobs=1, extra_body={"ignore_eos": True})
+        whole = s.client.completions.create(**kw).choices[0]
+        gaps0 = s.metric("inter_token_latency_seconds_count")
+        chunks = [ch.choices[0] for ch in s.client.completions.create(stream=True, **kw) if ch.choices]
+        sizes = [len(ch.model_extra["token_ids"]) for ch in chunks]
+        assert sizes[0] == 1 and sum(sizes) == n and all(k % 3 == 0 for k in sizes[1:-1]), sizes
+        assert len(chunks) < n  # not one chunk per token
+        assert [t for ch in chunks for t in ch.model_extra["token_ids"]] == want == whole.model_extra["token_ids"]
+        assert "".join(ch.text for ch in chunks) == whole.text
+        assert [len(ch.logprobs.tokens) for ch in chunks] == sizes
+        assert [lp for ch in chunks for lp in ch.logprobs.token_logprobs] == pytest.approx(whole.logprobs.token_logprobs)
+        assert [ch.finish_reason for ch in chunks] == [None] * (len(chunks) - 1) + ["length"]
+        assert s.metric("inter_token_latency_seconds_count") - gaps0 == n - 1
+        msgs = [{"role": "user", "content": "w9 w10"}]
+        full = s.client.chat.completions.create(model="mx", messages=msgs, max_tokens=7, temperature=0)
+        chat = [ch for ch in s.client.chat.completions.create(model="mx", messages=msgs, max_tokens=7, temperature=0,
+                                                              stream=True) if ch.choices]
+        assert "".join(ch.choices[0].delta.content or "" for ch in chat) == full.choices[0].message.content
+    finally:
+        assert s.stop() == [0]
+
+
 def test_chat_renders_the_template_like_transformers(server, checkpoint, offline):
     from transformers import AutoTokenizer
 

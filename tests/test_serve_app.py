@@ -42,3 +42,18 @@ def test_no_api_key_and_the_routes_outside_v1_are_open():
     assert get(keyed, "/version").status_code == 200
     r = get(keyed, "/health")  # no engine yet: loading
     assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--port", "70000"], "--port 70000"),
+    (["--max-waiting", "0"], "--max-waiting"),
+    (["--drain-timeout", "-1"], "--drain-timeout"),
+    (["--stream-interval", "0"], "--stream-interval"),
+    (["--max-model-len", "1"], "--max-model-len"),
+])
+def test_bad_server_flags_name_the_flag(flags, words):
+    from moerun.serve.cli import check_server_flags, parser
+
+    with pytest.raises(ValueError, match=words):
+        check_server_flags(parser().parse_args(flags))
+    check_server_flags(parser().parse_args([]))  # the defaults pass

@@ -106,17 +106,17 @@ class Choice:
         self.engine = engine
         self.handle = engine.submit(self.prompt, self.params, asyncio.get_running_loop(), queue, self)
 
-    def on_item(self, item) -> str | None:
-        """One item from the engine: None for ``Accepted``, the text to send for a token
-        event ("" while held back); a ``Failed`` (or a server-side abort) raises the APIError
-        the client gets."""
+    def on_item(self, item, t: float | None = None) -> str | None:
+        """One item from the engine (``t``: when its step ended): None for ``Accepted``, the
+        text to send for a token event ("" while held back); a ``Failed`` (or a server-side
+        abort) raises the APIError the client gets."""
         if isinstance(item, Failed):
             raise P.APIError(item.status, item.message, "server_error" if item.status >= 500 else
                              "invalid_request_error")
         if isinstance(item, Accepted):
             self.accepted = True
             return None
-        text = self.take(item)
+        text = self.take(item, t)
         if self.finish_reason == "abort":  # aborted by the server (drain timeout), not by the client
             raise P.APIError.unavailable("The request was aborted: the server is shutting down.")
         return text
@@ -134,11 +134,11 @@ class Choice:
         metrics.request_finished(reason, len(self.prompt), self.num_tokens, self.clock.ttft, self.clock.itls,
                                  self.clock.e2e())
 
-    def take(self, ev) -> str:
+    def take(self, ev, t: float | None = None) -> str:
         """An engine event into text to send (stop strings held back and cut)."""
         out = ""
         if ev.token is not None:
-            self.clock.token()
+            self.clock.token(t)
             self.num_tokens += 1
             self.ids.append(ev.token)
             self.unsent.append(ev.token)
@@ -162,8 +162,8 @@ async def run_choice(state: ServerState, c: Choice) -> None:
     c.submit(state.serving())
     try:
         while c.finish_reason is None:
-            _, item = await c.handle.queue.get()
-            c.on_item(item)
+            _, item, t = await c.handle.queue.get()
+            c.on_item(item, t)
     finally:
         c.close(state.metrics)
 
@@ -341,23 +341,35 @@ async def respond(request: Request, state: ServerState, req, choices: list[Choic
         return JSONResponse(build(rid, model, out, usage, created))
 
     # Streaming: the events of every choice come into one queue that the stream reads itself
-    # (one wake-up per chunk, no task per choice). Every choice's first event must be in
-    # before the 200 goes out, so that a request the engine refuses still gets its 400.
+    # (no task per choice), all that have come at each wake-up: a choice's tokens that came
+    # together (held back by --stream-interval, or piled up while the stream was slower than
+    # the engine) go out as one chunk, as vLLM merges a slow consumer's outputs. Every
+    # choice's first event must be in before the 200 goes out, so that a request the engine
+    # refuses still gets its 400.
     queue: asyncio.Queue = asyncio.Queue()
     engine = state.serving()
     for c in choices:
         c.submit(engine, queue)
 
-    async def read():
-        """The next engine item of a choice not yet finished here, as a piece: (choice, text,
-        finish_reason, stop_reason), text None for an Accepted. The finish state is taken
-        now: a later piece of the same choice may finish it before this one is sent."""
-        while True:
-            h, item = await queue.get()
+    async def read() -> list[tuple]:
+        """Every engine item that has come (waiting for the first), as one piece per choice
+        in the order the choices first appear: (choice, text, finish_reason, stop_reason),
+        text None when a choice only got its Accepted. Each finish state is taken now: a
+        later piece of the same choice may finish it before this one is sent."""
+        items = [await queue.get()]
+        while not queue.empty():
+            items.append(queue.get_nowait())
+        merged: dict[Choice, str | None] = {}
+        for h, item, t in items:
             c = h.owner
-            if c.finish_reason is None:  # else: an event after a stop string ended it here
-                text = c.on_item(item)
-                return c, text, c.finish_reason, c.stop_reason
+            if c.finish_reason is not None:
+                continue  # an event after a stop string ended it here
+            text = c.on_item(item, t)
+            if text is not None:
+                merged[c] = (merged.get(c) or "") + text
+            else:
+                merged.setdefault(c, None)
+        return [(c, text, c.finish_reason, c.stop_reason) for c, text in merged.items()]
 
     def close_all():
         for c in choices:
@@ -365,9 +377,7 @@ async def respond(request: Request, state: ServerState, req, choices: list[Choic
     early: list = []  # pieces read while waiting for the acceptances
     try:  # a refusal before the first token is an HTTP error, not a 200 stream with an error in it
         while not all(c.accepted for c in choices):
-            piece = await read()
-            if piece[1] is not None:
-                early.append(piece)
+            early += [piece for piece in await read() if piece[1] is not None]
     except BaseException:
         close_all()
         raise
@@ -379,21 +389,21 @@ async def respond(request: Request, state: ServerState, req, choices: list[Choic
             elif echo:
                 yield P.sse(P.completion_chunk(rid, model, created, c.index, echo[c.index // req.n]))
         left = len(choices)
+        pieces = early
         while left:
-            if early:
-                c, text, finish_reason, stop_reason = early.pop(0)
-            else:
+            if not pieces:
                 if _TEST_STREAM_DELAY:
                     await asyncio.sleep(_TEST_STREAM_DELAY)
                 try:
-                    c, text, finish_reason, stop_reason = await read()
+                    pieces = await read()
                 except Exception as e:  # the stream reports it and ends
                     err = e if isinstance(e, P.APIError) else P.APIError.server_error(str(e))
                     yield P.sse(P.error_body(err))
                     yield P.SSE_DONE
                     return
-                if text is None:
-                    continue
+            c, text, finish_reason, stop_reason = pieces.pop(0)
+            if text is None:
+                continue
             final = finish_reason is not None
             if final:
                 left -= 1

@@ -5,7 +5,8 @@ asyncio queue, one wake-up of the event loop per engine step.
     client = EngineClient(conn, on_stats)
     h = client.submit(prompt_ids, params, asyncio_loop)   # thread-safe; a queue of its own
     h2 = client.submit(prompt_ids, params, asyncio_loop, queue=q, owner=x)  # or a shared one
-    h, item = await h.queue.get()  # (its handle, Accepted), then TokenEvent..., or Failed
+    h, item, t = await h.queue.get()  # (its handle, Accepted, None), then TokenEvents (t: the
+                                      # monotonic time of the step that made it)..., or Failed
     client.abort(h)                # client gone, stop string: the engine frees its KV blocks
     client.queued(), client.draining, client.stopped      # for /health and --max-waiting
     client.run()                   # the HTTP process's main thread: read the engine's messages
@@ -27,14 +28,14 @@ from .loop import Accepted, Failed, Stats
 @dataclass(eq=False)
 class RequestHandle:
     hid: int
-    queue: asyncio.Queue  # gets (this handle, item) for each engine item
+    queue: asyncio.Queue  # gets (this handle, item, t) for each engine item
     aio: asyncio.AbstractEventLoop
     owner: object = None  # whatever the submitter wants to find from an item of a shared queue
 
 
 def _deliver(items) -> None:
-    for h, item in items:
-        h.queue.put_nowait((h, item))
+    for h, item, t in items:
+        h.queue.put_nowait((h, item, t))
 
 
 class EngineClient:
@@ -55,10 +56,10 @@ class EngineClient:
         h = RequestHandle(next(self.ids), queue if queue is not None else asyncio.Queue(), aio, owner)
         with self.lock:
             if self.stopped:
-                h.queue.put_nowait((h, Failed(500, "the engine has stopped")))
+                h.queue.put_nowait((h, Failed(500, "the engine has stopped"), None))
                 return h
             if self.draining:
-                h.queue.put_nowait((h, Failed(503, "the server is shutting down")))
+                h.queue.put_nowait((h, Failed(503, "the server is shutting down"), None))
                 return h
             self.open[h.hid] = h
             self.unanswered.add(h.hid)
@@ -94,7 +95,7 @@ class EngineClient:
             by_loop: dict = {}
             with self.lock:
                 self.stats = stats
-                for hid, item in items:
+                for hid, item, t in items:
                     if isinstance(item, (Accepted, Failed)):
                         self.unanswered.discard(hid)
                     h = self.open.get(hid)
@@ -102,7 +103,7 @@ class EngineClient:
                         continue  # aborted here already
                     if isinstance(item, Failed) or getattr(item, "finished", False):
                         del self.open[hid]
-                    by_loop.setdefault(h.aio, []).append((h, item))
+                    by_loop.setdefault(h.aio, []).append((h, item, t))
             for aio, batch in by_loop.items():
                 aio.call_soon_threadsafe(_deliver, batch)
             if self.on_stats is not None:
@@ -111,4 +112,4 @@ class EngineClient:
             self.stopped = True
             left, self.open = list(self.open.values()), {}
         for h in left:
-            h.aio.call_soon_threadsafe(h.queue.put_nowait, (h, Failed(500, "the engine stopped")))
+            h.aio.call_soon_threadsafe(h.queue.put_nowait, (h, Failed(500, "the engine stopped"), None))

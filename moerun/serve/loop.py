@@ -4,15 +4,23 @@ HTTP process (``moerun.serve.client``) over one duplex pipe. The HTTP process ow
 tokenizing, detokenizing, JSON and sockets; the engine process only sees token ids, so
 the two never contend for one interpreter lock.
 
-    loop = EngineLoop(engine, conn)    # conn: a multiprocessing Connection to the HTTP process
+    loop = EngineLoop(engine, conn, stream_interval=1)  # conn: a Connection to the HTTP process
     loop.run()                          # main thread: until drained (returns) or failed (raises)
     loop.drain(timeout_s)               # from a signal handler
 
 Messages, HTTP -> engine: ``("submit", hid, prompt_ids, SamplingParams)``,
 ``("abort", hid)``. Engine -> HTTP: ``("ready", vocab_size, max_model_len)`` once loaded,
-``("step", [(hid, item), ...], Stats)`` once per step (items: ``Accepted``, ``Failed``,
-``TokenEvent``), ``("drain",)`` when draining starts, ``("stop",)`` at the end.
-A reader thread takes the HTTP messages into the loop between steps.
+``("step", [(hid, item, t), ...], Stats)`` once per step that has something to say (items:
+``Accepted``, ``Failed``, ``TokenEvent``; ``t`` is the ``time.monotonic()`` at which the step
+that made a token ended, None for the others), ``("drain",)`` when draining starts,
+``("stop",)`` at the end. A reader thread takes the HTTP messages into the loop between steps.
+
+``stream_interval`` N > 1 (SGLang's ``--stream-interval``) holds a request's tokens back and
+sends them N at a time: its first token goes at once, then every Nth, and whatever is held
+when it finishes. The HTTP process then writes one chunk per N tokens (its per-chunk work and
+the client's shrink N-fold, which on a machine whose cores the engine also uses is engine
+time); the token times stay those of the steps that made them, so the latency metrics do
+not move.
 
 When nothing is in flight the loop sleeps on a condition: an idle server ticks no step and
 sends nothing over the control group. ``drain`` refuses new requests, lets the ones in
@@ -57,8 +65,13 @@ class Stats:
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, conn):
+    def __init__(self, engine: Engine, conn, stream_interval: int = 1):
+        if stream_interval < 1:
+            raise ValueError(f"--stream-interval must be >= 1 token, got {stream_interval}")
         self.engine, self.conn = engine, conn
+        self.stream_interval = stream_interval
+        self.held: dict[int, list[tuple]] = {}  # HTTP handle id -> its held (hid, event, t)
+        self.sent: dict[int, int] = {}  # HTTP handle id -> tokens it has had sent so far
         self.cond = threading.Condition()
         self.inbox: list[tuple] = []  # messages from the HTTP process, not yet handled
         self.live: dict[int, int] = {}  # engine request id -> HTTP handle id
@@ -123,8 +136,11 @@ class EngineLoop:
                     if time.monotonic() >= self.drain_deadline:
                         for rid in list(self.live):
                             self.engine.abort(rid)
+                held_only = False  # a step whose every token is held back: nothing to send
                 if self.engine.has_unfinished():
-                    for ev in self.engine.step():
+                    events = self.engine.step()
+                    now = time.monotonic()
+                    for ev in events:
                         hid = self.live.get(ev.req_id)
                         if hid is None:
                             continue
@@ -132,30 +148,50 @@ class EngineLoop:
                         if ev.finished:
                             del self.live[ev.req_id]
                             self.req_of.pop(hid, None)
-                        out.append((hid, ev))
-                self._flush(out)
+                        self._emit(hid, ev, now, out)
+                    held_only = not out
+                if not held_only:
+                    self._flush(out)
         except BaseException as e:
             for hid in list(self.live.values()):
-                out.append((hid, Failed(500, f"the engine failed: {type(e).__name__}: {e}")))
+                self.held.pop(hid, None)
+                out.append((hid, Failed(500, f"the engine failed: {type(e).__name__}: {e}"), None))
             self._flush(out)
             raise
+
+    def _emit(self, hid: int, ev, t: float, out: list) -> None:
+        """A token event to send now, or to hold back (``stream_interval``)."""
+        n = self.stream_interval
+        if n == 1:
+            out.append((hid, ev, t))
+            return
+        held = self.held.setdefault(hid, [])
+        held.append((hid, ev, t))
+        sent = self.sent.get(hid, 0) + (ev.token is not None)
+        if ev.finished or sent == 1 or len(held) >= n:
+            out.extend(held)
+            del self.held[hid]
+        if ev.finished:
+            self.sent.pop(hid, None)
+        else:
+            self.sent[hid] = sent
 
     def _handle(self, msg: tuple, out: list) -> None:
         kind = msg[0]
         if kind == "submit":
             _, hid, prompt, params = msg
             if self.draining:
-                out.append((hid, Failed(503, "the server is shutting down")))
+                out.append((hid, Failed(503, "the server is shutting down"), None))
                 return
             try:
                 rid = self.engine.add_request(prompt, params)
             except ValueError as e:
-                out.append((hid, Failed(400, str(e))))
+                out.append((hid, Failed(400, str(e)), None))
                 return
             self.live[rid], self.req_of[hid] = hid, rid
             self.num_requests += 1
             self.prompt_tokens += len(prompt)
-            out.append((hid, Accepted(rid)))
+            out.append((hid, Accepted(rid), None))
         elif kind == "abort":
             rid = self.req_of.pop(msg[1], None)
             if rid is not None:
