@@ -141,6 +141,8 @@ def _load():
         lib.route_softmax_f32.restype = None
         lib.moerun_set_sgemm.argtypes = [P]
         lib.moerun_set_sgemm.restype = None
+        lib.linear_rows_f32.argtypes = [P, I, I, P, I, P]
+        lib.linear_rows_f32.restype = None
         lib.decode_layers_f32.argtypes = [P, P, I]
         lib.decode_layers_f32.restype = ctypes.c_int
         _sgemm = _find_sgemm()
@@ -305,3 +307,21 @@ def route_softmax(x_TH: torch.Tensor, weight_EH: torch.Tensor, bias_E: torch.Ten
     lib.route_softmax_f32(x_TH.data_ptr(), T, H, weight_EH.data_ptr(), None if bias_E is None else bias_E.data_ptr(),
                           E, k, int(bool(renormalize)), float(scaling), w.data_ptr(), ids.data_ptr())
     return w, ids
+
+
+def linear_rows(x_TK: torch.Tensor, weight_NK: torch.Tensor) -> torch.Tensor | None:
+    """``x @ weight.T`` (``F.linear`` without a bias) in one C call, for a few rows of x (a
+    decode step's LM head), when it can (CPU float32, both contiguous 2-D, same K): the
+    [T, N] result, or None when it cannot (nothing computed then)."""
+    if not _f32_cpu(x_TK, weight_NK) or x_TK.dim() != 2 or weight_NK.dim() != 2:
+        return None
+    if not (x_TK.is_contiguous() and weight_NK.is_contiguous()) or x_TK.shape[1] != weight_NK.shape[1]:
+        return None
+    lib = _load()
+    if lib is None:
+        return None
+    T, K = x_TK.shape
+    N = weight_NK.shape[0]
+    out = torch.empty((T, N), dtype=torch.float32)
+    lib.linear_rows_f32(x_TK.data_ptr(), T, K, weight_NK.data_ptr(), N, out.data_ptr())
+    return out

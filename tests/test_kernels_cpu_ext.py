@@ -286,3 +286,51 @@ def test_moe_block_routes_through_the_c_router_like_the_reference(monkeypatch):
         ref_w, ref_ids = moe.route(x)
     assert torch.equal(ids, ref_ids)
     torch.testing.assert_close(w, ref_w, rtol=1e-5, atol=1e-6)
+
+
+@needs_ext
+@pytest.mark.parametrize("T, K, N", [(1, 128, 512), (32, 1024, 1000), (7, 37, 101), (4, 8, 3), (65, 96, 50),
+                                     (5, 1, 7), (0, 16, 9), (3, 24, 0)])
+def test_linear_rows_equals_float64_and_torch(T, K, N):
+    """x W^T from the C kernel on fresh random inputs: within float32 rounding of the float64
+    product (every register-block edge: T not a multiple of 4, N of 3 or of a thread's chunk,
+    K of the vector width), and the same rows whatever the thread count."""
+    x, W = torch.randn(T, K), torch.randn(N, K)
+    out = cpu_ext.linear_rows(x, W)
+    exact = x.double() @ W.double().t()
+    assert out.shape == (T, N) and out.dtype == torch.float32
+    bound = 1e-6 * K ** 0.5 * (exact.abs().max().item() if exact.numel() else 0) + 1e-6
+    assert (out.double() - exact).abs().max().item() <= bound if out.numel() else True
+    assert torch.allclose(out, torch.nn.functional.linear(x, W), rtol=1e-4, atol=1e-4 * K ** 0.5)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(cpu_ext.linear_rows(x, W), out)  # each output by one thread, one order
+    finally:
+        torch.set_num_threads(before)
+    assert cpu_ext.linear_rows(x, W.t().contiguous().t()) is None if N > 1 and K > 1 else True  # not contiguous
+    assert cpu_ext.linear_rows(x.double(), W.double()) is None
+
+
+@needs_ext
+def test_lm_head_takes_the_c_kernel_for_a_decode_step(monkeypatch):
+    """The LM head of a decode step (few rows, no grad) is the C kernel's x W^T; with more rows
+    than it takes, or with grad, it is PyTorch's; all agree with float64."""
+    from moerun.comm import Comm
+    from moerun.model.layers import LM_HEAD_C_MAX_ROWS, LMHead
+
+    head = LMHead(300, 64, Comm(), None)
+    with torch.no_grad():
+        head.weight.normal_()
+    calls = []
+    real = cpu_ext.linear_rows
+    monkeypatch.setattr(cpu_ext, "linear_rows", lambda x, w: calls.append(x.shape[0]) or real(x, w))
+    for T in (1, 32, LM_HEAD_C_MAX_ROWS + 1):
+        x = torch.randn(T, 64)
+        exact = x.double() @ head.weight.double().t()
+        with torch.no_grad():
+            out = head(x)
+        assert (out.double() - exact).abs().max().item() <= 1e-4
+    assert calls == [1, 32]
+    out = head(torch.randn(2, 64))  # grad on: the autograd path
+    assert out.requires_grad and calls == [1, 32]

@@ -504,6 +504,83 @@ void route_softmax_f32(const float *x, int64_t T, int64_t H, const float *W, con
     route_rows(x, T, H, W, bias, E, K, renorm, scaling, w_out, ids_out, NULL);
 }
 
+/* ---- a linear layer for a few rows, float32 ---------------------------------------------
+ * out[T][N] = x[T][K] W[N][K]^T, W as nn.Linear stores it (row n: output n's weights). For a
+ * decode step's LM head (T a few dozen, N tens of thousands): W streams from memory once and
+ * x stays in L2. Dot products over K, LM_M rows of x by LM_N rows of W per register block
+ * (12 vector accumulators and 4 vector registers for the operands: AVX2's 16); each W row
+ * block is read from L1 for every block of x rows. Threads take LM_CHUNK rows of W at a time,
+ * dynamically. The sums run lane-wise over K, then across the lanes. */
+#define LM_M 4
+#define LM_N 3
+#define LM_CHUNK 48
+
+#if defined(VL)
+static inline float v_hsum(vf v) {
+#if VL == 16
+    return _mm512_reduce_add_ps(v);
+#else
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+#endif
+}
+#endif
+
+/* one (m, n) dot product of length K: the edges of the register blocks */
+static float dot_f32(const float *a, const float *b, int64_t K) {
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t k = 0; k < K; ++k) acc += a[k] * b[k];
+    return acc;
+}
+
+void linear_rows_f32(const float *x, int64_t T, int64_t K, const float *W, int64_t N, float *out) {
+    const int64_t nchunks = (N + LM_CHUNK - 1) / LM_CHUNK;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t c = 0; c < nchunks; ++c) {
+        const int64_t n_end = (c + 1) * LM_CHUNK < N ? (c + 1) * LM_CHUNK : N;
+        int64_t n = c * LM_CHUNK;
+#if defined(VL)
+        const int64_t Kv = K - K % VL;
+        for (; n + LM_N <= n_end; n += LM_N) {
+            const float *w0 = W + n * K, *w1 = w0 + K, *w2 = w1 + K;
+            int64_t m = 0;
+            for (; m + LM_M <= T; m += LM_M) {
+                const float *x0 = x + m * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
+                vf a00 = V_SET1(0.0f), a01 = a00, a02 = a00, a10 = a00, a11 = a00, a12 = a00;
+                vf a20 = a00, a21 = a00, a22 = a00, a30 = a00, a31 = a00, a32 = a00;
+                for (int64_t k = 0; k < Kv; k += VL) {
+                    const vf b0 = V_LOAD(w0 + k), b1 = V_LOAD(w1 + k), b2 = V_LOAD(w2 + k);
+                    vf v = V_LOAD(x0 + k);
+                    a00 = V_FMA(v, b0, a00); a01 = V_FMA(v, b1, a01); a02 = V_FMA(v, b2, a02);
+                    v = V_LOAD(x1 + k);
+                    a10 = V_FMA(v, b0, a10); a11 = V_FMA(v, b1, a11); a12 = V_FMA(v, b2, a12);
+                    v = V_LOAD(x2 + k);
+                    a20 = V_FMA(v, b0, a20); a21 = V_FMA(v, b1, a21); a22 = V_FMA(v, b2, a22);
+                    v = V_LOAD(x3 + k);
+                    a30 = V_FMA(v, b0, a30); a31 = V_FMA(v, b1, a31); a32 = V_FMA(v, b2, a32);
+                }
+                float r[LM_M][LM_N] = {
+                    {v_hsum(a00), v_hsum(a01), v_hsum(a02)}, {v_hsum(a10), v_hsum(a11), v_hsum(a12)},
+                    {v_hsum(a20), v_hsum(a21), v_hsum(a22)}, {v_hsum(a30), v_hsum(a31), v_hsum(a32)}};
+                for (int i = 0; i < LM_M; ++i)
+                    for (int j = 0; j < LM_N; ++j) {
+                        float t = r[i][j];
+                        for (int64_t k = Kv; k < K; ++k) t += x[(m + i) * K + k] * W[(n + j) * K + k];
+                        out[(m + i) * N + n + j] = t;
+                    }
+            }
+            for (; m < T; ++m)
+                for (int j = 0; j < LM_N; ++j) out[m * N + n + j] = dot_f32(x + m * K, W + (n + j) * K, K);
+        }
+#endif
+        for (; n < n_end; ++n)
+            for (int64_t m = 0; m < T; ++m) out[m * N + n] = dot_f32(x + m * K, W + n * K, K);
+    }
+}
+
 /* ---- a decode step's whole decoder stack in one call ------------------------------------
  * For each of L layers of a Mixtral-style MoE decoder (kernels above, and the BLAS sgemm
  * PyTorch links, for the dense projections), on the residual stream h [T][H] in place:
