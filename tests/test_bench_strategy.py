@@ -280,3 +280,10 @@ def test_bench_baseline_quick_on_gloo_reads_back(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "measured baseline as: measured (cpu" in done.stdout and "not comparable" in done.stdout
+
+
+def test_repeats_flag():
+    assert bench.parse_args([]).repeats == 3 and bench.parse_args(["--quick"]).repeats == 1
+    assert bench.parse_args(["--repeats", "5", "--quick"]).repeats == 5
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--repeats", "0"])
