@@ -66,12 +66,10 @@ class Stats:
 
 class EngineLoop:
     def __init__(self, engine: Engine, conn, stream_interval: int = 1):
-        if stream_interval < 1:
-            raise ValueError(f"--stream-interval must be >= 1 token, got {stream_interval}")
         self.engine, self.conn = engine, conn
-        self.stream_interval = stream_interval
+        self.stream_interval = stream_interval  # >= 1 (moerun.serve.cli checks the flag)
         self.held: dict[int, list[tuple]] = {}  # HTTP handle id -> its held (hid, event, t)
-        self.sent: dict[int, int] = {}  # HTTP handle id -> tokens it has had sent so far
+        self.started: set[int] = set()  # HTTP handle ids whose first token has gone out
         self.cond = threading.Condition()
         self.inbox: list[tuple] = []  # messages from the HTTP process, not yet handled
         self.live: dict[int, int] = {}  # engine request id -> HTTP handle id
@@ -167,14 +165,13 @@ class EngineLoop:
             return
         held = self.held.setdefault(hid, [])
         held.append((hid, ev, t))
-        sent = self.sent.get(hid, 0) + (ev.token is not None)
-        if ev.finished or sent == 1 or len(held) >= n:
-            out.extend(held)
-            del self.held[hid]
+        first = ev.token is not None and hid not in self.started
+        if first:
+            self.started.add(hid)
+        if ev.finished or first or len(held) >= n:
+            out.extend(self.held.pop(hid))
         if ev.finished:
-            self.sent.pop(hid, None)
-        else:
-            self.sent[hid] = sent
+            self.started.discard(hid)
 
     def _handle(self, msg: tuple, out: list) -> None:
         kind = msg[0]
