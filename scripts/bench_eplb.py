@@ -75,9 +75,8 @@ def make_skewed_checkpoint(path: Path, layers: int, experts: int, hidden: int, f
     save_checkpoint(model, path)
 
 
-def worker(args) -> None:
+def worker(args) -> int:
     """One rank of one mode (under torchrun): generate, then rank 0 writes what it measured."""
-    import torch.distributed as dist
 
     from moerun.engine import Engine, EngineConfig, follow_leader
     from moerun.mesh import gather_to_rank0
@@ -117,7 +116,7 @@ def worker(args) -> None:
             eplb.write_load(eo.load_out, rt.cfg, load, model=spec["model"])
         with open(spec["out"], "w") as f:
             json.dump({"outputs": outs, "wall_s": wall, "ranks": parts}, f)
-    dist.destroy_process_group()
+    return 0
 
 
 def run_mode(name: str, spec: dict, tmp: Path) -> dict:
@@ -162,9 +161,9 @@ def main() -> None:
     ap.add_argument("--interval", type=int, default=4, help="dynamic mode: re-plan every N steps")
     ap.add_argument("--json", metavar="FILE", help="write the results here")
     args = ap.parse_args()
-    if args.worker:
-        worker(args)
-        return
+    if args.worker:  # under torchrun: moerun's exit policy (os._exit, no teardown with gloo threads alive)
+        from moerun.entry import run_command
+        sys.exit(run_command("bench_eplb worker", lambda: worker(args)))
     import torch
 
     R = args.ep if args.redundant is None else args.redundant

@@ -15,10 +15,10 @@ import json
 import sys
 
 import torch
-import torch.distributed as dist
 
 from moerun import eplb, kernels
 from moerun.config import ModelConfig
+from moerun.entry import run_command
 from moerun.mesh import DistComm, Mesh, gather_to_rank0
 from moerun.model.moe import MoE
 from moerun.model.placement import move_experts
@@ -100,8 +100,8 @@ def main():
     if mesh.rank == 0:
         with open(out, "w") as f:
             json.dump(got, f)
-    dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("dist_eplb_worker", main))

@@ -11,9 +11,9 @@ SPEC_JSON: {"prompts": [[ids]...], "max_new": [n...], "arrive": [tick...],
 import json
 import sys
 
-import torch
 
 from moerun.engine import Engine, EngineConfig, follow_leader
+from moerun.entry import run_command
 from moerun.mesh import gather_to_rank0
 from moerun.model.moe import MoE
 from moerun.options import EPLBOptions, ModelOptions, SamplingParams
@@ -74,8 +74,8 @@ def main():
         worker = follow_leader(rt.model, ecfg, rt.mesh)
         gather_to_rank0(rt.mesh, {rt.rank: list(worker.trace)})
         gather_to_rank0(rt.mesh, {rt.rank: eplb_state(rt.model)})
-    torch.distributed.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("dist_worker", main))
