@@ -62,6 +62,9 @@ def routing(T, K, E_total, hot=None):
     (9, 2, 16, 4, 4, 24, 20),       # an EP slice: experts 4..7 of 16, widths off the vector path
     (40, 1, 6, 0, 6, 16, 8),        # ~7 slots per expert, 8 + rows per pass elsewhere
     (5, 4, 12, 8, 4, 37, 11),       # odd widths, most choices on other ranks
+    (71, 2, 4, 0, 4, 64, 96),       # a prefill: dozens of slots per expert (one hot: over 64, two
+                                    # items), 2F and H multiples of 64: AVX-512's register tiles
+    (23, 3, 8, 2, 4, 128, 32),      # tiles with 1-6 slots left over, an EP slice
 ])
 @pytest.mark.parametrize("kind", ["silu", "swiglu_oai", "swiglu_oai+bias", "silu+bias"])
 def test_c_kernel_equals_reference_and_float64(T, K, E, start, n, H, F, kind):
@@ -77,7 +80,8 @@ def test_c_kernel_equals_reference_and_float64(T, K, E, start, n, H, F, kind):
     assert out.shape == (T, H) and out.dtype == torch.float32 and not out.isnan().any()
     if T:
         assert (out - ref).abs().max().item() <= 1e-5
-        assert (out.double() - float64_moe(x, w13, w2, weights, ids, start, act)).abs().max().item() <= 1e-5
+        want = float64_moe(x, w13, w2, weights, ids, start, act)  # float32's rounding, relative to the sizes
+        assert (out.double() - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
 
 
 @needs_ext

@@ -125,7 +125,14 @@ static void silu_mul(const float *g, const float *u, float *h, int64_t n) {
     for (; f < n; ++f) h[f] = g[f] / (1.0f + expf(-g[f])) * u[f];
 }
 
-#define MB 8 /* slots of one expert per pass over its weights */
+/* slots of one expert per work item (per pass over its weights): with AVX-512 a prefill's
+ * slots of an expert (dozens) are one item and stream its weights once, through the register
+ * tiles below; elsewhere 8 */
+#if VL == 16
+#define MB 64
+#else
+#define MB 8
+#endif
 
 enum { ACT_SILU = 0, ACT_SWIGLU_OAI = 1 };
 
@@ -179,6 +186,80 @@ static void rows_gemm(const float *const *a, int M, const float *W, int64_t Kd, 
             for (int64_t n = 0; n < N; ++n) o[n] = o[n] + x0 * w0[n];
         }
     }
+}
+
+#if VL == 16
+/* The same sums for M >= TG_MIN_M slots (a prefill's share of an expert): register tiles of
+ * up to TG_M slots by TG_NV vectors (64 columns; 24 accumulators of AVX-512's 32 registers),
+ * over the whole reduction per tile, each accumulator starting from acc and adding the rows
+ * in k order: the same operations in the same order as rows_gemm, so the same bits. A
+ * column panel of W (Kd x 64) is read from memory by the first block of slots (which
+ * prefetches the next panel's rows) and from L2 by the others: W is streamed once per item,
+ * and the arithmetic runs at the FMA units' rate instead of the accumulators' round trips. */
+#define TG_M 6
+#define TG_NV 4
+#define TG_MIN_M 4
+#define TG_PF 16
+
+static inline __attribute__((always_inline)) void tg_tile(const float *const *a, const int MR, const float *w,
+                                                          int64_t ldw, int64_t Kd, float *const *acc, int64_t n,
+                                                          float *pack, const float *pf, int64_t ldpf) {
+    vf c[TG_M][TG_NV];
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < TG_NV; ++j) c[i][j] = V_LOAD(acc[i] + n + j * VL);
+    for (int64_t k = 0; k < Kd; ++k) {
+        if (pf)
+            for (int j = 0; j < TG_NV; ++j) _mm_prefetch((const char *)(pf + k * ldpf + j * VL), _MM_HINT_T1);
+        vf b[TG_NV];
+        for (int j = 0; j < TG_NV; ++j) b[j] = V_LOAD(w + k * ldw + j * VL);
+        if (pack)
+            for (int j = 0; j < TG_NV; ++j) V_STORE(pack + k * TG_NV * VL + j * VL, b[j]);
+        for (int i = 0; i < MR; ++i) {
+            const vf xv = V_SET1(a[i][k]);
+            for (int j = 0; j < TG_NV; ++j) c[i][j] = V_FMA(xv, b[j], c[i][j]);
+        }
+    }
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < TG_NV; ++j) V_STORE(acc[i] + n + j * VL, c[i][j]);
+}
+
+/* Returns 0, or -1 when the panel buffer could not be allocated (nothing written then). The
+ * first block of slots reads a panel from W (rows N floats apart: at a power-of-two N the
+ * panel's rows share a few L2 sets and would not stay there) and copies it to a contiguous
+ * buffer, which the other blocks read. */
+static int tile_gemm(const float *const *a, int M, const float *W, int64_t Kd, int64_t N, float *const *acc) {
+    float *pack = aligned_alloc(64, (size_t)Kd * TG_NV * VL * sizeof(float));
+    if (!pack) return -1;
+    for (int64_t n = 0; n < N; n += TG_NV * VL) {
+        for (int m0 = 0; m0 < M; m0 += TG_M) {
+            const int first = m0 == 0, last = m0 + TG_M >= M;
+            const float *w = first ? W + n : pack;
+            const int64_t ldw = first ? N : TG_NV * VL;
+            float *pk = first && !last ? pack : NULL;
+            /* the first block reads W's rows TG_PF rows ahead (a stride the hardware does
+             * not follow) */
+            const float *pf = first ? W + n + TG_PF * N : NULL;
+            switch (M - m0 < TG_M ? M - m0 : TG_M) { /* a constant MR per call: registers */
+            case 6: tg_tile(a + m0, 6, w, ldw, Kd, acc + m0, n, pk, pf, N); break;
+            case 5: tg_tile(a + m0, 5, w, ldw, Kd, acc + m0, n, pk, pf, N); break;
+            case 4: tg_tile(a + m0, 4, w, ldw, Kd, acc + m0, n, pk, pf, N); break;
+            case 3: tg_tile(a + m0, 3, w, ldw, Kd, acc + m0, n, pk, pf, N); break;
+            case 2: tg_tile(a + m0, 2, w, ldw, Kd, acc + m0, n, pk, pf, N); break;
+            default: tg_tile(a + m0, 1, w, ldw, Kd, acc + m0, n, pk, pf, N); break;
+            }
+        }
+    }
+    free(pack);
+    return 0;
+}
+#endif
+
+/* acc[m] += a[m] W for the M slots of one work item, by whichever form fits */
+static void expert_gemm(const float *const *a, int M, const float *W, int64_t Kd, int64_t N, float *const *acc) {
+#if VL == 16
+    if (M >= TG_MIN_M && N % (TG_NV * VL) == 0 && tile_gemm(a, M, W, Kd, N, acc) == 0) return;
+#endif
+    rows_gemm(a, M, W, Kd, N, acc);
 }
 
 /* Returns 0, or -1 when scratch memory could not be allocated (nothing written then). */
@@ -254,7 +335,7 @@ int moe_experts_f32(const float *x, int64_t T, int64_t H, int64_t F,
                 if (b2) memcpy(ya[m], b2 + e * H, (size_t)H * sizeof(float));
                 else memset(ya[m], 0, (size_t)H * sizeof(float));
             }
-            rows_gemm(xa, (int)M, w13 + e * H * 2 * F, H, 2 * F, ga);
+            expert_gemm(xa, (int)M, w13 + e * H * 2 * F, H, 2 * F, ga);
             for (int64_t m = 0; m < M; ++m) {
                 const float *g = ga[m], *u = ga[m] + F;
                 float *h = ha[m];
@@ -268,7 +349,7 @@ int moe_experts_f32(const float *x, int64_t T, int64_t H, int64_t F,
                     silu_mul(g, u, h, F);
                 }
             }
-            rows_gemm((const float *const *)ha, (int)M, w2 + e * F * H, F, H, ya);
+            expert_gemm((const float *const *)ha, (int)M, w2 + e * F * H, F, H, ya);
             for (int64_t m = 0; m < M; ++m) {
                 const float wt = weights[order[r0 + m]];
                 float *restrict o = ya[m];
@@ -536,6 +617,82 @@ static float dot_f32(const float *a, const float *b, int64_t K) {
     return acc;
 }
 
+#if VL == 16
+/* AVX-512 (32 vector registers): MR <= 6 rows of x by 4 rows of W per register block, 24
+ * accumulators. Within a thread's chunk of W rows (in L2 after the first block of x rows),
+ * each block of x rows (24 KiB at K = 1024) stays in L1 while the chunk's rows of W pass by:
+ * 4 loads from L2 per 24 FMAs, where the 4 x 3 block takes 4 per 12. */
+#define LM512_M 6
+#define LM512_N 4
+#define LM512_CHUNK 64
+
+static inline __attribute__((always_inline)) void lm_tile512(const float *x, int64_t ldx, int64_t K,
+                                                             const float *w, float *out, int64_t N,
+                                                             const int MR, const float *pf) {
+    vf acc[LM512_M][LM512_N];
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < LM512_N; ++j) acc[i][j] = V_SET1(0.0f);
+    const int64_t Kv = K - K % VL;
+    for (int64_t k = 0; k < Kv; k += VL) {
+        if (pf) _mm_prefetch((const char *)(pf + k), _MM_HINT_T1);
+        vf b[LM512_N];
+        for (int j = 0; j < LM512_N; ++j) b[j] = V_LOAD(w + j * K + k);
+        for (int i = 0; i < MR; ++i) {
+            const vf v = V_LOAD(x + i * ldx + k);
+            for (int j = 0; j < LM512_N; ++j) acc[i][j] = V_FMA(v, b[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < LM512_N; ++j) {
+            float t = v_hsum(acc[i][j]);
+            for (int64_t k = Kv; k < K; ++k) t += x[i * ldx + k] * w[j * K + k];
+            out[i * N + j] = t;
+        }
+}
+
+void linear_rows_f32(const float *x_in, int64_t T, int64_t K, const float *W, int64_t N, float *out) {
+    const int64_t nchunks = (N + LM512_CHUNK - 1) / LM512_CHUNK;
+    /* x's rows 64 bytes further apart than K: at K a multiple of 1024, rows 4 KiB apart share
+     * their L1 sets, and a block's 6 rows with the 4 rows of W they meet evict each other */
+    const int64_t ldx = K + 16;
+    float *x = malloc((size_t)(T > 0 ? T : 1) * (size_t)ldx * sizeof(float));
+    if (!x) {
+        for (int64_t m = 0; m < T; ++m)
+            for (int64_t n = 0; n < N; ++n) out[m * N + n] = dot_f32(x_in + m * K, W + n * K, K);
+        return;
+    }
+    for (int64_t m = 0; m < T; ++m) memcpy(x + m * ldx, x_in + m * K, (size_t)K * sizeof(float));
+    /* static: a thread's chunks are consecutive, so while its later blocks of x rows run from
+     * L2 it prefetches the next chunk's W rows (one row a tile, one line per K step) and the
+     * stream from memory overlaps the arithmetic instead of stalling the next chunk's start */
+#pragma omp parallel for schedule(static)
+    for (int64_t c = 0; c < nchunks; ++c) {
+        const int64_t n0 = c * LM512_CHUNK, n_end = n0 + LM512_CHUNK < N ? n0 + LM512_CHUNK : N;
+        const int64_t n_tiles = n0 + (n_end - n0) / LM512_N * LM512_N;
+        int64_t next = 0; /* rows of the next chunk prefetched so far */
+        for (int64_t m = 0; m < T; m += LM512_M) {
+            const int mr = T - m < LM512_M ? (int)(T - m) : LM512_M;
+            const float *xm = x + m * ldx;
+            for (int64_t n = n0; n < n_tiles; n += LM512_N) {
+                float *o = out + m * N + n;
+                const float *pf = NULL;
+                if (m > 0 && n_end + next < N && next < LM512_CHUNK) pf = W + (n_end + next++) * K;
+                switch (mr) { /* a constant MR per call: the tile's loops unroll into registers */
+                case 6: lm_tile512(xm, ldx, K, W + n * K, o, N, 6, pf); break;
+                case 5: lm_tile512(xm, ldx, K, W + n * K, o, N, 5, pf); break;
+                case 4: lm_tile512(xm, ldx, K, W + n * K, o, N, 4, pf); break;
+                case 3: lm_tile512(xm, ldx, K, W + n * K, o, N, 3, pf); break;
+                case 2: lm_tile512(xm, ldx, K, W + n * K, o, N, 2, pf); break;
+                default: lm_tile512(xm, ldx, K, W + n * K, o, N, 1, pf); break;
+                }
+            }
+            for (int64_t n = n_tiles; n < n_end; ++n)
+                for (int i = 0; i < mr; ++i) out[(m + i) * N + n] = dot_f32(xm + i * ldx, W + n * K, K);
+        }
+    }
+    free(x);
+}
+#else
 void linear_rows_f32(const float *x, int64_t T, int64_t K, const float *W, int64_t N, float *out) {
     const int64_t nchunks = (N + LM_CHUNK - 1) / LM_CHUNK;
 #pragma omp parallel for schedule(dynamic, 1)
@@ -580,6 +737,7 @@ void linear_rows_f32(const float *x, int64_t T, int64_t K, const float *W, int64
             for (int64_t m = 0; m < T; ++m) out[m * N + n] = dot_f32(x + m * K, W + n * K, K);
     }
 }
+#endif
 
 /* ---- a decode step's whole decoder stack in one call ------------------------------------
  * For each of L layers of a Mixtral-style MoE decoder (kernels above, and the BLAS sgemm
