@@ -435,15 +435,24 @@ async def run_benchmark(url: str, prompts: list[Prompt], *, model: str | None, t
                for i, p in enumerate(prompts)]
     offsets = arrival_offsets(len(prompts), request_rate, seed)
     sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-    conns = max(1, min(max_concurrency or len(prompts), len(prompts)))
+    most = max(len(prompts), num_warmups if prompts else 0)  # requests that can be in flight at once
+    conns = max(1, min(max_concurrency or most, most))
     async with new_client(conns) as client:
-        warm_errors = []
-        for w in range(num_warmups if prompts else 0):  # untimed; the first prompt, at most 8 tokens
-            p = Prompt(prompts[0].prompt, min(prompts[0].max_tokens, 8))
-            r = await send_request(client, url, headers, make_payload(p, model, temperature),
-                                   RequestRecord(-1 - w, None, p.max_tokens), time.perf_counter(), timeout)
-            if not r.success:
-                warm_errors.append(r.error or "failed")
+        # untimed: the first prompt, at most 8 tokens, at the run's concurrency (as vLLM's bench
+        # serve warms up), so the timed run starts on open connections
+        warm = Prompt(prompts[0].prompt, min(prompts[0].max_tokens, 8)) if prompts else None
+
+        async def warm_one(w: int) -> RequestRecord:
+            rec = RequestRecord(-1 - w, None, warm.max_tokens)
+            if sem is None:
+                return await send_request(client, url, headers, make_payload(warm, model, temperature), rec,
+                                          time.perf_counter(), timeout)
+            async with sem:
+                return await send_request(client, url, headers, make_payload(warm, model, temperature), rec,
+                                          time.perf_counter(), timeout)
+
+        warmed = await asyncio.gather(*(warm_one(w) for w in range(num_warmups if prompts else 0)))
+        warm_errors = [r.error or "failed" for r in warmed if not r.success]
         if num_warmups and len(warm_errors) == num_warmups:
             return BenchRun(records, 0.0, WARMUP_FAILED, warm_errors)
 
@@ -891,7 +900,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="seed for the dataset and the arrivals")
     ap.add_argument("--temperature", type=float, default=0.0, help="sent with every request; 0 = greedy")
     ap.add_argument("--num-warmups", type=int, default=1,
-                    help="untimed requests before the run (first prompt, <= 8 tokens); if all fail, stop")
+                    help="untimed requests before the run (first prompt, <= 8 tokens), sent at once up to "
+                         "--max-concurrency, so the run starts on open connections; if all fail, stop")
     ds = ap.add_argument_group("dataset")
     ds.add_argument("--dataset", choices=["random", "jsonl"], default="random")
     ds.add_argument("--dataset-path", default=None,

@@ -146,8 +146,19 @@ def make_app(state: dict):
             return JSONResponse({"error": {"message": "stub says no", "type": "InternalError"}}, status_code=500)
         n = body["max_tokens"]
         gap = 0.3 if mode == "slow" else GAP_SLEEP
+        with lock:
+            state["inflight"] += 1
+            state["peak"] = max(state["peak"], state["inflight"])
 
         async def gen():
+            try:
+                async for chunk in chunks():
+                    yield chunk
+            finally:
+                with lock:
+                    state["inflight"] -= 1
+
+        async def chunks():
             await asyncio.sleep(FIRST_SLEEP)
             for i in range(n):
                 if i:
@@ -174,7 +185,7 @@ def make_app(state: dict):
 def stub():
     pytest.importorskip("fastapi")
     uvicorn = pytest.importorskip("uvicorn")
-    state = {"mode": "ok", "count": 0, "bodies": [], "auth": [], "sent": []}
+    state = {"mode": "ok", "count": 0, "bodies": [], "auth": [], "sent": [], "inflight": 0, "peak": 0}
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -240,6 +251,17 @@ def test_end_to_end_against_stub(stub, tmp_path):
     assert all(isinstance(t, int) and 0 <= t < 256 for b in stub["bodies"] for t in b["prompt"])
     assert set(stub["auth"]) == {"Bearer sekrit"}
     assert "sekrit" not in out.read_text()  # the key is redacted from the saved command line and config
+
+
+@pytest.mark.parametrize("conc", [4, 2])
+def test_warmups_run_at_the_runs_concurrency(stub, conc):
+    """--num-warmups W sends W untimed requests at once, up to --max-concurrency (as vLLM's bench
+    serve does), so the timed run starts on open connections; none of them is a record."""
+    rc, so, se = run_script("--base-url", stub["url"], "--num-prompts", 1, "--num-warmups", 4,
+                            "--max-concurrency", conc, "--random-input-len", 4, "--random-output-len", 3)
+    assert rc == 0, se + so
+    assert stub["count"] == 5 and stub["peak"] == conc
+    assert [b["max_tokens"] for b in stub["bodies"][:4]] == [3] * 4 and "Successful requests:" in so
 
 
 def test_failed_requests_are_counted(stub, tmp_path):
