@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import glob
 import json
@@ -443,13 +444,9 @@ async def run_benchmark(url: str, prompts: list[Prompt], *, model: str | None, t
         warm = Prompt(prompts[0].prompt, min(prompts[0].max_tokens, 8)) if prompts else None
 
         async def warm_one(w: int) -> RequestRecord:
-            rec = RequestRecord(-1 - w, None, warm.max_tokens)
-            if sem is None:
-                return await send_request(client, url, headers, make_payload(warm, model, temperature), rec,
-                                          time.perf_counter(), timeout)
-            async with sem:
-                return await send_request(client, url, headers, make_payload(warm, model, temperature), rec,
-                                          time.perf_counter(), timeout)
+            async with sem if sem is not None else contextlib.nullcontext():
+                return await send_request(client, url, headers, make_payload(warm, model, temperature),
+                                          RequestRecord(-1 - w, None, warm.max_tokens), time.perf_counter(), timeout)
 
         warmed = await asyncio.gather(*(warm_one(w) for w in range(num_warmups if prompts else 0)))
         warm_errors = [r.error or "failed" for r in warmed if not r.success]

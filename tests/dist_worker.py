@@ -11,7 +11,6 @@ SPEC_JSON: {"prompts": [[ids]...], "max_new": [n...], "arrive": [tick...],
 import json
 import sys
 
-
 from moerun.engine import Engine, EngineConfig, follow_leader
 from moerun.entry import run_command
 from moerun.mesh import gather_to_rank0
