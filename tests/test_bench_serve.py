@@ -1,7 +1,8 @@
-"""scripts/bench_serve.py: its metric functions against hand computations, and whole runs
-against a stub OpenAI-style streaming server (FastAPI + uvicorn on a free 127.0.0.1 port,
-in a thread) whose chunks, sleeps and failures are known. (No ``from __future__ import
-annotations`` here: FastAPI reads the stub's ``req: Request`` annotation at runtime.)"""
+"""scripts/bench_serve.py and its package scripts/serve_bench/: the metric functions against
+hand computations, and whole runs against a stub OpenAI-style streaming server (FastAPI +
+uvicorn on a free 127.0.0.1 port, in a thread) whose chunks, sleeps and failures are known.
+(No ``from __future__ import annotations`` here: FastAPI reads the stub's ``req: Request``
+annotation at runtime.)"""
 import asyncio
 import importlib.util
 import json
@@ -23,6 +24,7 @@ _spec = importlib.util.spec_from_file_location("bench_serve", SCRIPT)
 bs = importlib.util.module_from_spec(_spec)
 sys.modules["bench_serve"] = bs  # dataclasses resolve their module by name
 _spec.loader.exec_module(bs)
+launch = sys.modules["serve_bench.launch"]  # the package beside the script, which it put on the path
 
 FIRST_SLEEP = 0.05  # the stub's wait before its first token chunk
 GAP_SLEEP = 0.005  # and between token chunks
@@ -377,7 +379,7 @@ def test_launch_and_compare_offline(tmp_path, monkeypatch, capsys):
     pytest.importorskip("uvicorn")
     app = tmp_path / "stubserve.py"
     app.write_text(STANDALONE_STUB)
-    monkeypatch.setattr(bs, "SERVER_CMD", [sys.executable, str(app)])
+    monkeypatch.setattr(launch, "SERVER_CMD", [sys.executable, str(app)])
     out = tmp_path / "r.json"
     rc = bs.main(["--launch", "--model tiny --weights-seed 1 --block-size 16", "--compare-offline", "--num-prompts", 4,
                   "--random-input-len", 8, "--random-output-len", 4, "--launch-timeout", 30,
