@@ -1,0 +1,1 @@
+"""The pieces of scripts/bench_serve.py: stats, datasets, client, report, launch."""
