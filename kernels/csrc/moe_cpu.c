@@ -237,13 +237,11 @@ static inline __attribute__((always_inline)) void tg_tile(const float *const *a,
         for (int j = 0; j < TG_NV; ++j) V_STORE(acc[i] + n + j * VL, c[i][j]);
 }
 
-/* Returns 0, or -1 when the panel buffer could not be allocated (nothing written then). The
- * first block of slots reads a panel from W (rows N floats apart: at a power-of-two N the
- * panel's rows share a few L2 sets and would not stay there) and copies it to a contiguous
- * buffer, which the other blocks read. */
-static int tile_gemm(const float *const *a, int M, const float *W, int64_t Kd, int64_t N, float *const *acc) {
-    float *pack = aligned_alloc(64, (size_t)Kd * TG_NV * VL * sizeof(float));
-    if (!pack) return -1;
+/* The first block of slots reads a panel from W (rows N floats apart: at a power-of-two N
+ * the panel's rows share a few L2 sets and would not stay there) and copies it to ``pack``
+ * (Kd x TG_NV * VL floats, the caller's), which the other blocks read. */
+static void tile_gemm(const float *const *a, int M, const float *W, int64_t Kd, int64_t N, float *const *acc,
+                      float *pack) {
     for (int64_t n = 0; n < N; n += TG_NV * VL) {
         for (int m0 = 0; m0 < M; m0 += TG_M) {
             const int first = m0 == 0, last = m0 + TG_M >= M;
@@ -263,15 +261,20 @@ static int tile_gemm(const float *const *a, int M, const float *W, int64_t Kd, i
             }
         }
     }
-    free(pack);
-    return 0;
 }
 #endif
 
-/* acc[m] += a[m] W for the M slots of one work item, by whichever form fits */
-static void expert_gemm(const float *const *a, int M, const float *W, int64_t Kd, int64_t N, float *const *acc) {
+/* acc[m] += a[m] W for the M slots of one work item, by whichever form fits; ``pack`` (NULL:
+ * rows_gemm only) is tile_gemm's panel buffer */
+static void expert_gemm(const float *const *a, int M, const float *W, int64_t Kd, int64_t N, float *const *acc,
+                        float *pack) {
 #if VL == 16
-    if (M >= TG_MIN_M && N % (TG_NV * VL) == 0 && tile_gemm(a, M, W, Kd, N, acc) == 0) return;
+    if (pack && M >= TG_MIN_M && N % (TG_NV * VL) == 0) {
+        tile_gemm(a, M, W, Kd, N, acc, pack);
+        return;
+    }
+#else
+    (void)pack;
 #endif
     rows_gemm(a, M, W, Kd, N, acc);
 }
@@ -298,11 +301,12 @@ int moe_experts_f32(const float *x, int64_t T, int64_t H, int64_t F,
         if (e >= 0 && e < E) count[e + 1]++;
     }
     for (int64_t e = 0; e < E; ++e) count[e + 1] += count[e];
-    int64_t nwork = 0;
+    int64_t nwork = 0, mmax = 1; /* mmax: the largest item, which sizes the scratch */
     for (int64_t e = 0; e < E; ++e) /* work items: (first row, rows), at most MB rows each */
         for (int64_t r = count[e]; r < count[e + 1]; r += MB) {
             work[2 * nwork] = r;
             work[2 * nwork + 1] = (count[e + 1] - r < MB) ? count[e + 1] - r : MB;
+            if (work[2 * nwork + 1] > mmax) mmax = work[2 * nwork + 1];
             nwork++;
         }
     {
@@ -326,8 +330,13 @@ int moe_experts_f32(const float *x, int64_t T, int64_t H, int64_t F,
     int failed = 0;
 #pragma omp parallel
     {
-        float *gu = aligned_alloc(64, ((size_t)MB * 2 * F * sizeof(float) + 63) / 64 * 64);
-        float *hb = aligned_alloc(64, ((size_t)MB * F * sizeof(float) + 63) / 64 * 64);
+        float *gu = aligned_alloc(64, ((size_t)mmax * 2 * F * sizeof(float) + 63) / 64 * 64);
+        float *hb = aligned_alloc(64, ((size_t)mmax * F * sizeof(float) + 63) / 64 * 64);
+        float *pack = NULL; /* tile_gemm's panel buffer, when an item is large enough for it */
+#if VL == 16
+        if (mmax >= TG_MIN_M) /* without it, rows_gemm */
+            pack = aligned_alloc(64, (size_t)(H > F ? H : F) * TG_NV * VL * sizeof(float));
+#endif
         if (!gu || !hb) {
 #pragma omp atomic write
             failed = 1;
@@ -349,7 +358,7 @@ int moe_experts_f32(const float *x, int64_t T, int64_t H, int64_t F,
                 if (b2) memcpy(ya[m], b2 + e * H, (size_t)H * sizeof(float));
                 else memset(ya[m], 0, (size_t)H * sizeof(float));
             }
-            expert_gemm(xa, (int)M, w13 + e * H * 2 * F, H, 2 * F, ga);
+            expert_gemm(xa, (int)M, w13 + e * H * 2 * F, H, 2 * F, ga, pack);
             for (int64_t m = 0; m < M; ++m) {
                 const float *g = ga[m], *u = ga[m] + F;
                 float *h = ha[m];
@@ -363,7 +372,7 @@ int moe_experts_f32(const float *x, int64_t T, int64_t H, int64_t F,
                     silu_mul(g, u, h, F);
                 }
             }
-            expert_gemm((const float *const *)ha, (int)M, w2 + e * F * H, F, H, ya);
+            expert_gemm((const float *const *)ha, (int)M, w2 + e * F * H, F, H, ya, pack);
             for (int64_t m = 0; m < M; ++m) {
                 const float wt = weights[order[r0 + m]];
                 float *restrict o = ya[m];
@@ -373,6 +382,7 @@ int moe_experts_f32(const float *x, int64_t T, int64_t H, int64_t F,
         }
         free(gu);
         free(hb);
+        free(pack);
         /* the top-k sum, in choice order; a token with no local choice gets zeros */
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; ++t) {
