@@ -80,9 +80,6 @@ from serve_bench.datasets import jsonl_dataset, random_dataset  # noqa: E402
 from serve_bench.launch import LaunchedServer, LaunchError, parse_launch_args, run_offline  # noqa: E402
 from serve_bench.report import machine, write_plots  # noqa: E402
 from serve_bench.stats import fmt, format_table, summarize  # noqa: E402
-# what the tests reach through this module (they load it by its path)
-from serve_bench.stats import (arrival_offsets, goodput, itls, latency_stats, meets_slo,  # noqa: E402,F401
-                               percentile, poisson_intervals, tpot)
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 

@@ -24,7 +24,8 @@ _spec = importlib.util.spec_from_file_location("bench_serve", SCRIPT)
 bs = importlib.util.module_from_spec(_spec)
 sys.modules["bench_serve"] = bs  # dataclasses resolve their module by name
 _spec.loader.exec_module(bs)
-launch = sys.modules["serve_bench.launch"]  # the package beside the script, which it put on the path
+# the package beside the script, which it put on the path
+stats, datasets, launch = (sys.modules[f"serve_bench.{m}"] for m in ("stats", "datasets", "launch"))
 
 FIRST_SLEEP = 0.05  # the stub's wait before its first token chunk
 GAP_SLEEP = 0.005  # and between token chunks
@@ -33,24 +34,24 @@ GAP_SLEEP = 0.005  # and between token chunks
 # ================================================================ pure functions
 def test_percentile_matches_hand_computation():
     xs = [4.0, 1.0, 3.0, 2.0]  # sorted 1 2 3 4
-    assert bs.percentile(xs, 50) == pytest.approx(2.5)
-    assert bs.percentile(xs, 0) == 1.0 and bs.percentile(xs, 100) == 4.0
-    assert bs.percentile(xs, 90) == pytest.approx(3.7)  # pos 2.7: 3 + 0.7 * (4 - 3)
-    assert bs.percentile(xs, 99) == pytest.approx(3.97)
-    assert bs.percentile([7.0], 99) == 7.0
-    assert math.isnan(bs.percentile([], 50))
-    s = bs.latency_stats([0.001, 0.002, 0.003])  # seconds in, ms out
+    assert stats.percentile(xs, 50) == pytest.approx(2.5)
+    assert stats.percentile(xs, 0) == 1.0 and stats.percentile(xs, 100) == 4.0
+    assert stats.percentile(xs, 90) == pytest.approx(3.7)  # pos 2.7: 3 + 0.7 * (4 - 3)
+    assert stats.percentile(xs, 99) == pytest.approx(3.97)
+    assert stats.percentile([7.0], 99) == 7.0
+    assert math.isnan(stats.percentile([], 50))
+    s = stats.latency_stats([0.001, 0.002, 0.003])  # seconds in, ms out
     assert s["mean"] == pytest.approx(2.0) and s["median"] == pytest.approx(2.0)
     assert s["p90"] == pytest.approx(2.8) and s["p99"] == pytest.approx(2.98)
 
 
 def test_tpot_and_itl_from_timestamps():
     times = [0.10, 0.15, 0.17, 0.30]  # token chunk arrivals after sending
-    assert bs.itls(times) == pytest.approx([0.05, 0.02, 0.13])
-    assert bs.itls([0.1]) == [] and bs.itls([]) == []
+    assert stats.itls(times) == pytest.approx([0.05, 0.02, 0.13])
+    assert stats.itls([0.1]) == [] and stats.itls([]) == []
     # e2e 0.40, ttft 0.10, 4 tokens: (0.40 - 0.10) / 3
-    assert bs.tpot(0.10, 0.40, 4) == pytest.approx(0.1)
-    assert bs.tpot(0.10, 0.40, 1) is None and bs.tpot(0.1, 0.4, 0) is None
+    assert stats.tpot(0.10, 0.40, 4) == pytest.approx(0.1)
+    assert stats.tpot(0.10, 0.40, 1) is None and stats.tpot(0.1, 0.4, 0) is None
 
 
 def test_goodput_under_slos():
@@ -59,58 +60,58 @@ def test_goodput_under_slos():
             dict(success=True, ttft_s=0.050, tpot_s=0.030),   # TPOT too slow
             dict(success=True, ttft_s=0.080, tpot_s=None),    # one token: no TPOT, meets it
             dict(success=False, ttft_s=0.010, tpot_s=0.001)]  # failed: never good
-    assert bs.goodput(recs, 2.0, 100, 20) == pytest.approx(2 / 2.0)
-    assert bs.goodput(recs, 2.0, 100, None) == pytest.approx(3 / 2.0)
-    assert bs.goodput(recs, 2.0, None, 20) == pytest.approx(3 / 2.0)
-    assert bs.goodput(recs, 4.0, None, None) == pytest.approx(4 / 4.0)
-    assert bs.meets_slo(0.1, None, 100, 5) and not bs.meets_slo(0.1001, None, 100, None)
+    assert stats.goodput(recs, 2.0, 100, 20) == pytest.approx(2 / 2.0)
+    assert stats.goodput(recs, 2.0, 100, None) == pytest.approx(3 / 2.0)
+    assert stats.goodput(recs, 2.0, None, 20) == pytest.approx(3 / 2.0)
+    assert stats.goodput(recs, 4.0, None, None) == pytest.approx(4 / 4.0)
+    assert stats.meets_slo(0.1, None, 100, 5) and not stats.meets_slo(0.1001, None, 100, None)
 
 
 def test_poisson_arrivals():
     rate = 4.0
-    gaps = bs.poisson_intervals(20000, rate, seed=1)
+    gaps = stats.poisson_intervals(20000, rate, seed=1)
     assert all(g >= 0 for g in gaps)
     assert sum(gaps) / len(gaps) == pytest.approx(1 / rate, rel=0.03)
-    assert gaps == bs.poisson_intervals(20000, rate, seed=1)  # seeded
-    assert gaps[:50] != bs.poisson_intervals(50, rate, seed=2)
-    assert bs.poisson_intervals(5, float("inf"), seed=0) == [0.0] * 5
-    assert bs.arrival_offsets(4, float("inf"), seed=0) == [0.0] * 4
-    offs = bs.arrival_offsets(4, 2.0, seed=3)
-    g = bs.poisson_intervals(3, 2.0, seed=3)
+    assert gaps == stats.poisson_intervals(20000, rate, seed=1)  # seeded
+    assert gaps[:50] != stats.poisson_intervals(50, rate, seed=2)
+    assert stats.poisson_intervals(5, float("inf"), seed=0) == [0.0] * 5
+    assert stats.arrival_offsets(4, float("inf"), seed=0) == [0.0] * 4
+    offs = stats.arrival_offsets(4, 2.0, seed=3)
+    g = stats.poisson_intervals(3, 2.0, seed=3)
     assert offs == pytest.approx([0.0, g[0], g[0] + g[1], g[0] + g[1] + g[2]])
     with pytest.raises(ValueError):
-        bs.poisson_intervals(3, 0.0, seed=0)
+        stats.poisson_intervals(3, 0.0, seed=0)
 
 
 def test_random_dataset_lengths_and_ids():
-    ps = bs.random_dataset(200, 100, 20, 0.5, 10, 20, seed=0)
+    ps = datasets.random_dataset(200, 100, 20, 0.5, 10, 20, seed=0)
     assert all(50 <= len(p.ids) <= 150 and 10 <= p.max_tokens <= 30 for p in ps)
     assert all(10 <= t < 20 for p in ps for t in p.ids)
     assert len({len(p.ids) for p in ps}) > 10
-    fixed = bs.random_dataset(5, 7, 3, 0.0, 0, 256, seed=0)
+    fixed = datasets.random_dataset(5, 7, 3, 0.0, 0, 256, seed=0)
     assert [len(p.ids) for p in fixed] == [7] * 5 and [p.max_tokens for p in fixed] == [3] * 5
-    assert [p.ids for p in fixed] == [p.ids for p in bs.random_dataset(5, 7, 3, 0.0, 0, 256, seed=0)]
+    assert [p.ids for p in fixed] == [p.ids for p in datasets.random_dataset(5, 7, 3, 0.0, 0, 256, seed=0)]
 
 
 def test_jsonl_dataset(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text('{"prompt_ids": [1, 2, 3], "max_tokens": 4}\n\n{"prompt": "hi", "max_new_tokens": 2}\n'
                  '{"prompt": "x"}\n')
-    ps, note = bs.jsonl_dataset(str(f), 5, 9)
+    ps, note = datasets.jsonl_dataset(str(f), 5, 9)
     assert [(p.prompt, p.max_tokens) for p in ps] == [([1, 2, 3], 4), ("hi", 2), ("x", 9), ([1, 2, 3], 4), ("hi", 2)]
     assert "repeat" in note
     f.write_text('{"max_tokens": 3}\n')
     with pytest.raises(ValueError):
-        bs.jsonl_dataset(str(f), 1, 9)
+        datasets.jsonl_dataset(str(f), 1, 9)
 
 
 def test_parse_launch_args():
-    o = bs.parse_launch_args("--model /ckpt --weights-seed=3 --kv-cache-gb 0.5 --block-size 32 --tp 2 --api-key k")
+    o = launch.parse_launch_args("--model /ckpt --weights-seed=3 --kv-cache-gb 0.5 --block-size 32 --tp 2 --api-key k")
     assert o["model"] == "/ckpt" and o["weights_seed"] == 3 and o["kv_cache_gb"] == 0.5 and o["block_size"] == 32
     assert o["parallel"] == ["--tp 2"] and "max_batch_tokens" not in o
-    assert bs.parse_launch_args("")["model"] == "tiny" and bs.parse_launch_args("")["weights_seed"] == 0
+    assert launch.parse_launch_args("")["model"] == "tiny" and launch.parse_launch_args("")["weights_seed"] == 0
     with pytest.raises(ValueError):
-        bs.LaunchedServer("--port 5")
+        launch.LaunchedServer("--port 5")
     assert bs.glue_launch(["--launch", "--model x", "--seed", "1"]) == ["--launch=--model x", "--seed", "1"]
     assert bs.redact_argv(["--api-key", "k", "--launch=--model x --api-key k2", "--api-key=k3"]) == [
         "--api-key", "<redacted>", "--launch=--model x --api-key '<redacted>'", "--api-key=<redacted>"]
@@ -328,9 +329,9 @@ def test_plot_writes_pngs(stub, tmp_path):
 
 # ==================================================================== --launch
 def test_launch_reports_a_server_that_dies(capsys):
-    srv = bs.LaunchedServer("--model tiny", ready_timeout=20, cmd_prefix=[
+    srv = launch.LaunchedServer("--model tiny", ready_timeout=20, cmd_prefix=[
         sys.executable, "-c", "import sys; print('boom: no such model', file=sys.stderr); sys.exit(3)"])
-    with pytest.raises(bs.LaunchError, match="exited with code 3") as e:
+    with pytest.raises(launch.LaunchError, match="exited with code 3") as e:
         srv.start()
     assert "boom: no such model" in str(e.value)
     assert srv.stop() == 3
@@ -402,7 +403,7 @@ def test_launch_waits_for_health_and_stops(tmp_path):
     pytest.importorskip("uvicorn")
     app = tmp_path / "stubserve.py"
     app.write_text(STANDALONE_STUB)
-    srv = bs.LaunchedServer("--model tiny", ready_timeout=30, cmd_prefix=[sys.executable, str(app)])
+    srv = launch.LaunchedServer("--model tiny", ready_timeout=30, cmd_prefix=[sys.executable, str(app)])
     assert srv.cmd[-4:] == ["--host", "127.0.0.1", "--port", str(srv.port)]
     try:
         srv.start()
