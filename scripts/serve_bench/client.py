@@ -202,6 +202,9 @@ async def run_benchmark(url: str, prompts: list[Prompt], *, model: str | None, t
                for i, p in enumerate(prompts)]
     offsets = arrival_offsets(len(prompts), request_rate, seed)
     sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+
+    def slot():  # a place among --max-concurrency requests in flight (any number without it)
+        return sem if sem is not None else contextlib.nullcontext()
     most = max(len(prompts), num_warmups if prompts else 0)  # requests that can be in flight at once
     conns = max(1, min(max_concurrency or most, most))
     async with new_client(conns) as client:
@@ -210,7 +213,7 @@ async def run_benchmark(url: str, prompts: list[Prompt], *, model: str | None, t
         warm = Prompt(prompts[0].prompt, min(prompts[0].max_tokens, 8)) if prompts else None
 
         async def warm_one(w: int) -> RequestRecord:
-            async with sem if sem is not None else contextlib.nullcontext():
+            async with slot():
                 return await send_request(client, url, headers, make_payload(warm, model, temperature),
                                           RequestRecord(-1 - w, None, warm.max_tokens), time.perf_counter(), timeout)
 
@@ -224,12 +227,8 @@ async def run_benchmark(url: str, prompts: list[Prompt], *, model: str | None, t
         stopped = None
 
         async def one(rec: RequestRecord, p: Prompt):
-            payload = make_payload(p, model, temperature)
-            if sem is None:
-                await send_request(client, url, headers, payload, rec, t0, timeout)
-            else:
-                async with sem:
-                    await send_request(client, url, headers, payload, rec, t0, timeout)
+            async with slot():
+                await send_request(client, url, headers, make_payload(p, model, temperature), rec, t0, timeout)
             if progress:
                 progress(rec)
 
