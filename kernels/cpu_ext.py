@@ -145,6 +145,8 @@ def _load():
         lib.linear_rows_f32.restype = None
         lib.decode_layers_f32.argtypes = [P, P, I]
         lib.decode_layers_f32.restype = ctypes.c_int
+        lib.moerun_vector_width.argtypes = []
+        lib.moerun_vector_width.restype = ctypes.c_int
         _sgemm = _find_sgemm()
         if _sgemm is not None:
             lib.moerun_set_sgemm(_sgemm)
@@ -158,6 +160,13 @@ def _load():
 def available() -> bool:
     """Whether the C kernel is built and loaded (builds it on the first call)."""
     return _load() is not None
+
+
+def vector_width() -> int | None:
+    """Float lanes of the build's vector path (16: AVX-512, 8: AVX2 + FMA, 1: neither), or
+    None when the kernel is not available."""
+    lib = _load()
+    return None if lib is None else int(lib.moerun_vector_width())
 
 
 def unavailable_reason() -> str | None:

@@ -5,6 +5,7 @@ floats with AVX-512, 8 with AVX2), experts with more slots than one pass takes, 
 far into both tails of the silu; the softmax router likewise; and it is optional: without a
 compiler the PyTorch paths run."""
 import importlib
+import math
 
 import pytest
 import torch
@@ -101,6 +102,24 @@ def test_c_kernel_results_do_not_depend_on_threads():
     assert torch.equal(outs[0], outs[1])
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+@needs_ext
+def test_vector_width_is_the_machines(monkeypatch):
+    """The kernel is built with -march=native: its vector path is this CPU's widest."""
+    flags = _cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags to compare with")
+    want = 16 if "avx512f" in flags else 8 if {"avx2", "fma"} <= flags else 1
+    assert cpu_ext.vector_width() == want
+
+
 @needs_ext
 def test_auto_choice_takes_the_c_kernel_for_few_slots(monkeypatch):
     calls = []
@@ -108,8 +127,9 @@ def test_auto_choice_takes_the_c_kernel_for_few_slots(monkeypatch):
     monkeypatch.setattr(cpu_ext, "moe_experts", lambda *a: calls.append(1) or real(*a))
     E, K, H, F = 4, 2, 16, 32
     w13, w2 = experts(E, H, F)
-    for T, ext in ((1, True), (fm.GEMV_MAX_SLOTS_PER_EXPERT * E // K - 1, True),
-                   (fm.GEMV_MAX_SLOTS_PER_EXPERT * E // K, False)):
+    bound = fm.ext_max_slots_per_expert()  # no bound with the AVX-512 build (register tiles)
+    n = fm.GEMV_MAX_SLOTS_PER_EXPERT * E // K
+    for T, ext in ((1, True), (n - 1, True), (n, bound > fm.GEMV_MAX_SLOTS_PER_EXPERT), (4 * n, bound == math.inf)):
         calls.clear()
         weights, ids = routing(T, K, E)
         x = torch.randn(T, H)

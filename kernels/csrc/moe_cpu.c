@@ -125,6 +125,16 @@ static void silu_mul(const float *g, const float *u, float *h, int64_t n) {
     for (; f < n; ++f) h[f] = g[f] / (1.0f + expf(-g[f])) * u[f];
 }
 
+/* float lanes of the explicit vector path this build took (16: AVX-512, 8: AVX2 + FMA, 1:
+ * neither), for the Python side's choice of kernel by slots per expert */
+int moerun_vector_width(void) {
+#if defined(VL)
+    return VL;
+#else
+    return 1;
+#endif
+}
+
 /* slots of one expert per work item (per pass over its weights): with AVX-512 a prefill's
  * slots of an expert (dozens) are one item and stream its weights once, through the register
  * tiles below; elsewhere 8 */
