@@ -16,6 +16,7 @@ Both share one small interface (what the generate CLI and the HTTP server use):
 """
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import re
@@ -53,6 +54,10 @@ class ByteTokenizer:
     def is_special(self, i: int) -> bool:
         return not 0 <= i < 256
 
+    def stream_decoder(self, skip_special_tokens: bool = True) -> ByteStreamDecoder:
+        """Incremental decoding for streaming (``moerun.serve.detok`` takes it when present)."""
+        return ByteStreamDecoder(self, skip_special_tokens)
+
     def id_to_token(self, i: int) -> str:
         if 0x20 <= i < 0x7F:
             return chr(i)
@@ -66,6 +71,30 @@ class ByteTokenizer:
 
     def token_bytes(self, i: int) -> bytes:
         return bytes([i]) if 0 <= i < 256 else self.id_to_token(i).encode()
+
+
+class ByteStreamDecoder:
+    """ByteTokenizer's ids to text one at a time, through Python's incremental UTF-8 decoder:
+    a character's bytes wait for its last one, an invalid byte comes out as U+FFFD as soon as
+    it is known to be one, and the pieces join to ``ByteTokenizer.decode`` of all the ids
+    (specials skipped, or written as their names between runs of bytes). One id costs about a
+    microsecond, however long the text has been held back (the window decoding of
+    ``IncrementalDetokenizer`` re-decodes held bytes on every id)."""
+
+    def __init__(self, tok: ByteTokenizer, skip_special_tokens: bool = True):
+        self.tok, self.skip = tok, skip_special_tokens
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token_id: int) -> str:
+        if 0 <= token_id < 256:
+            return self.utf8.decode(bytes((token_id,)))
+        if self.skip:
+            return ""
+        return self.utf8.decode(b"", final=True) + self.tok.id_to_token(token_id)  # decode's runs end here
+
+    def finish(self) -> str:
+        """An incomplete character at the end, as decode writes it (U+FFFD)."""
+        return self.utf8.decode(b"", final=True)
 
 
 def _bytes_to_unicode() -> dict[int, str]:

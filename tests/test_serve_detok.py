@@ -96,6 +96,24 @@ def test_byte_tokenizer(tmp_path):
     # an incomplete character at the end is flushed as decode writes it
     d = IncrementalDetokenizer(tok)
     assert d.add(0xE6) == "" and d.finish() == "\ufffd"
+    # specials written out: they end decode's runs of bytes, an incomplete character before one included
+    for trial in range(200):
+        ids = [rng.choice([rng.randrange(256), rng.randrange(128), 0xE6, 0x97, 0xA5, 0xF0, 256, 257, 299])
+               for _ in range(rng.randint(1, 20))]
+        deltas = _run(IncrementalDetokenizer(tok, skip_special_tokens=False), ids)
+        assert "".join(deltas) == tok.decode(ids, skip_special_tokens=False), ids
+
+
+def test_byte_tokenizer_decodes_each_id_once():
+    """The byte tokenizer's stream decoder: a long run of bytes that stays invalid or
+    incomplete is not decoded again on every id (the window would be)."""
+    tok = ByteTokenizer(300, bos=256, eos=(257,))
+    calls = []
+    real = tok.decode
+    tok.decode = lambda ids, skip_special_tokens=True: calls.append(len(ids)) or real(ids, skip_special_tokens)
+    ids = [0xF0, 0x9F] + [0x80] * 200 + list("ok".encode())
+    d = IncrementalDetokenizer(tok)
+    assert "".join(_run(d, ids)) == real(ids) and not calls
 
 
 def test_prompt_context_keeps_the_leading_space(tmp_path):

@@ -12,6 +12,9 @@ deltas join to ``tokenizer.decode(all_ids)`` and never split a character. With `
 the last few prompt ids are context for the window, so the first token's leading space is
 kept by tokenizers that strip it at the start of a text (SentencePiece), as vLLM does.
 
+A tokenizer with a ``stream_decoder(skip_special_tokens)`` (the byte tokenizer of the presets)
+decodes incrementally itself, with the same guarantees; the window is not used then.
+
 ``StopStrings`` is fed those deltas and holds back text that could still become a stop
 string; on a match it returns the text before the stop string (the stop string itself is
 left out, as OpenAI does; of several, the one that completes first) and the request ends
@@ -32,6 +35,8 @@ PROMPT_CONTEXT = 5  # prompt ids the window starts with (vLLM's INITIAL_INCREMEN
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, skip_special_tokens: bool = True, prompt_ids: Sequence[int] = ()):
         self.tokenizer, self.skip = tokenizer, skip_special_tokens
+        make = getattr(tokenizer, "stream_decoder", None)
+        self.stream = make(skip_special_tokens) if make is not None else None
         ctx = list(prompt_ids[-PROMPT_CONTEXT:])
         # context that ends mid-character would shift every later delta: start without it
         if ctx and self._decode(ctx).endswith(REPLACEMENT):
@@ -47,6 +52,10 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         """The text ``token_id`` completes ("" while it is held back)."""
+        if self.stream is not None:
+            delta = self.stream.add(token_id)
+            self.text += delta
+            return delta
         self.ids.append(token_id)
         new_text = self._decode(self.ids[self.prefix_offset:])
         if len(new_text) <= len(self._prefix_text) or new_text.endswith(REPLACEMENT):
@@ -65,6 +74,10 @@ class IncrementalDetokenizer:
         if self.finished:
             return ""
         self.finished = True
+        if self.stream is not None:
+            delta = self.stream.finish()
+            self.text += delta
+            return delta
         if self.read_offset == len(self.ids):
             return ""
         new_text = self._decode(self.ids[self.prefix_offset:])
