@@ -23,7 +23,10 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+try:
+    import moerun  # noqa: F401  (installed: pip install -e .)
+except ImportError:  # a checkout without it: moerun from the root
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from moerun.kernels import paged_attention  # noqa: E402
 from moerun.kvcache import KVCache  # noqa: E402
 from moerun.model import AttnMeta  # noqa: E402

@@ -43,11 +43,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 try:
     from moerun.kernels import cpu_ext, fused_moe, reference_moe_loop, route
     from moerun.kernels.fused_moe import torch_fused_moe
-except ImportError:  # run from a checkout without `pip install -e .`
+except ImportError:  # run from a checkout without `pip install -e .`: kernels/ from the root
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from kernels import cpu_ext, fused_moe, reference_moe_loop, route
     from kernels.fused_moe import torch_fused_moe
 

@@ -26,10 +26,10 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 try:
     from moerun.kernels import MoeTileConfig, fused_moe, moe_config
-except ImportError:  # run from a checkout without `pip install -e .`
+except ImportError:  # run from a checkout without `pip install -e .`: kernels/ from the root
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from kernels import MoeTileConfig, fused_moe, moe_config
 
 from bench_kernels import graph_time_ms, make_problem  # noqa: E402  (same folder)

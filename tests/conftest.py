@@ -9,6 +9,14 @@ holds the dequantized weights."""
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
+
+# `python -m pytest` puts the repository root on sys.path, where kernels/ (installed as
+# moerun.kernels) would stand in for the `kernels` package that transformers (5.25 on) imports.
+# The tests reach the kernels as moerun.kernels, as an installed moerun does: the root goes.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _ROOT]
 
 # The Triton interpreter must be chosen before triton is first imported.
 if not os.path.exists("/dev/nvidia0"):
