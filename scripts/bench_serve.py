@@ -49,6 +49,10 @@ Run totals
                              percentage of the offline engine's on the same prompts; offline
                              times only ``Engine.generate`` (all prompts at once, after a short
                              untimed warm-up), not model building.
+    CPU time                 (Linux) CPU seconds over the timed run of this client and, with
+                             --launch, of every process the server runs (engine, HTTP process,
+                             ranks), from /proc: on a machine the client and the server share,
+                             where a served / offline gap goes.
 
 Bounds: at most --num-prompts requests, each at most --timeout s, the whole run at most
 --max-duration s; when that hits, requests not yet sent are not sent, those in flight are
@@ -76,6 +80,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the serve_bench package beside this file
 from serve_bench.client import WARMUP_FAILED, resolve_model, run_benchmark  # noqa: E402
+from serve_bench.cpu import cpu_used, format_cpu  # noqa: E402
+from serve_bench.cpu import snapshot as cpu_snapshot  # noqa: E402
 from serve_bench.datasets import jsonl_dataset, random_dataset  # noqa: E402
 from serve_bench.launch import LaunchedServer, LaunchError, parse_launch_args, run_offline  # noqa: E402
 from serve_bench.report import machine, write_plots  # noqa: E402
@@ -268,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         run = asyncio.run(run_benchmark(
             url, prompts, model=model, temperature=a.temperature, request_rate=a.request_rate,
             max_concurrency=a.max_concurrency, seed=a.seed, timeout=a.timeout, max_duration=a.max_duration,
-            api_key=a.api_key, num_warmups=a.num_warmups, progress=progress))
+            api_key=a.api_key, num_warmups=a.num_warmups, progress=progress,
+            cpu_probe=lambda: cpu_snapshot(server.proc.pid if server is not None else None)))
     finally:
         if server is not None and server.proc is not None:
             server_code = server.stop()
@@ -307,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
               + (f"; {s['failed']} sent requests failed or were aborted, {s['not_sent']} not sent"
                  if run.stopped.startswith("--max") else ""))
     print(format_table(summary, request_rate=a.request_rate, max_concurrency=a.max_concurrency, offline=offline))
+    cpu = cpu_used(run.cpu_before, run.cpu_after)
+    if cpu is not None:
+        print(format_cpu(cpu, summary["duration_s"], launched=server is not None))
     if summary["errors"]:
         print("Errors (count: text):")
         for text, n in sorted(summary["errors"].items(), key=lambda kv: -kv[1])[:10]:
@@ -332,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {"date": date, "command": shlex.join(["python", str(script), *shown]), "argv": shown,
                   "base_url": base_url, "url": url, "model": model, "machine": mach, "label": label,
                   "config": config, "summary": summary, "offline": offline,
+                  "cpu_s": None if cpu is None else [{"process": lab, "seconds": v} for lab, v in cpu],
                   "server_exit_code": server_code, "warmup_errors": run.warmup_errors,
                   "requests": [asdict(r) for r in run.records]}
         Path(a.save_result).parent.mkdir(parents=True, exist_ok=True)

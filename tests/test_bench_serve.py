@@ -25,7 +25,7 @@ bs = importlib.util.module_from_spec(_spec)
 sys.modules["bench_serve"] = bs  # dataclasses resolve their module by name
 _spec.loader.exec_module(bs)
 # the package beside the script, which it put on the path
-stats, datasets, launch = (sys.modules[f"serve_bench.{m}"] for m in ("stats", "datasets", "launch"))
+stats, datasets, launch, cpu = (sys.modules[f"serve_bench.{m}"] for m in ("stats", "datasets", "launch", "cpu"))
 
 FIRST_SLEEP = 0.05  # the stub's wait before its first token chunk
 GAP_SLEEP = 0.005  # and between token chunks
@@ -254,6 +254,9 @@ def test_end_to_end_against_stub(stub, tmp_path):
     assert all(isinstance(t, int) and 0 <= t < 256 for b in stub["bodies"] for t in b["prompt"])
     assert set(stub["auth"]) == {"Bearer sekrit"}
     assert "sekrit" not in out.read_text()  # the key is redacted from the saved command line and config
+    if os.path.exists("/proc/self/stat"):  # the client's CPU time; a server not launched is not seen
+        assert "CPU time over the timed run" in so and "--launch" in so
+        assert [row["process"] for row in r["cpu_s"]] == [cpu.CLIENT] and r["cpu_s"][0]["seconds"] >= 0
 
 
 @pytest.mark.parametrize("conc", [4, 2])
@@ -395,8 +398,46 @@ def test_launch_and_compare_offline(tmp_path, monkeypatch, capsys):
     assert r["summary"]["completed"] == 4
     off = r["offline"]
     assert off["output_tokens"] == 16 and off["weights_seed"] == 1 and off["engine_config"] == {"block_size": 16}
+    if os.path.exists("/proc/self/stat"):  # the launched server's process is accounted beside the client
+        assert "CPU time over the timed run" in so
+        procs = [row["process"] for row in r["cpu_s"]]
+        assert cpu.CLIENT in procs and any(p.endswith("stubserve.py") for p in procs), procs
     assert off["served_over_offline_pct"] == pytest.approx(
         100 * r["summary"]["output_throughput"] / off["output_throughput"])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="no /proc")
+def test_cpu_of_a_process_tree(tmp_path):
+    """A grandchild's CPU between two snapshots is counted against it, not its idle parent."""
+    go, done = tmp_path / "go", tmp_path / "done"
+    spin = (f"import os, time\nwhile not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+            f"t = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+            f"open({str(done)!r}, 'w').close()\ntime.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c",
+                               f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {spin!r}]); "
+                               "time.sleep(60)"])
+    try:
+        t_end = time.time() + 30
+        while len(cpu.snapshot(parent.pid)) < 3:  # this process, the parent, the grandchild
+            assert time.time() < t_end, "the grandchild did not start"
+            time.sleep(0.05)
+        before = cpu.snapshot(parent.pid)
+        go.touch()
+        while not done.exists():
+            assert time.time() < t_end, "the grandchild did not finish spinning"
+            time.sleep(0.05)
+        used = dict(cpu.cpu_used(before, cpu.snapshot(parent.pid)))
+    finally:
+        kids = cpu._children(parent.pid)
+        parent.kill()
+        for k in kids:
+            os.kill(k, 9)
+        parent.wait()
+    (child,) = [lab for lab in used if lab.startswith("pid ") and not lab.startswith(f"pid {parent.pid} ")]
+    (mid,) = [lab for lab in used if lab.startswith(f"pid {parent.pid} ")]
+    assert used[child] >= 0.25 and used[mid] < 0.1, used
+    assert cpu.CLIENT in used
+    assert "CPU time over the timed run" in cpu.format_cpu(list(used.items()), 1.0, launched=True)
 
 
 def test_launch_waits_for_health_and_stops(tmp_path):

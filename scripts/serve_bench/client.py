@@ -191,12 +191,14 @@ class BenchRun:
     duration_s: float
     stopped: str | None  # why the run stopped early, or None
     warmup_errors: list[str]
+    cpu_before: dict | None = None  # cpu_probe() at the timed run's start and end
+    cpu_after: dict | None = None
 
 
 async def run_benchmark(url: str, prompts: list[Prompt], *, model: str | None, temperature: float,
                         request_rate: float, max_concurrency: int | None, seed: int, timeout: float,
                         max_duration: float, api_key: str | None = None, num_warmups: int = 0,
-                        progress=None) -> BenchRun:
+                        progress=None, cpu_probe=None) -> BenchRun:
     headers = auth_headers(api_key)
     records = [RequestRecord(i, len(p.ids) if p.ids is not None else None, p.max_tokens)
                for i, p in enumerate(prompts)]
@@ -222,6 +224,7 @@ async def run_benchmark(url: str, prompts: list[Prompt], *, model: str | None, t
         if num_warmups and len(warm_errors) == num_warmups:
             return BenchRun(records, 0.0, WARMUP_FAILED, warm_errors)
 
+        cpu_before = cpu_probe() if cpu_probe else None
         t0 = time.perf_counter()
         deadline = t0 + max_duration
         stopped = None
@@ -250,8 +253,9 @@ async def run_benchmark(url: str, prompts: list[Prompt], *, model: str | None, t
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         t_end = time.perf_counter()
+        cpu_after = cpu_probe() if cpu_probe else None
     for rec in records:
         if rec.sent and not rec.success and rec.error is None:
             rec.error = "aborted: --max-duration reached while in flight"
             rec.finished = True
-    return BenchRun(records, t_end - t0, stopped, warm_errors)
+    return BenchRun(records, t_end - t0, stopped, warm_errors, cpu_before, cpu_after)
