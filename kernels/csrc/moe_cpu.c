@@ -88,10 +88,18 @@ static inline vf v_exp(vf x) {
 }
 #endif
 
+/* The router's sums: float on the vector paths (their lanes keep the partial sums short);
+ * double in a build with neither, whose one running sum would drift past 1e-6 of float64 */
+#if defined(VL)
+typedef float route_acc;
+#else
+typedef double route_acc;
+#endif
+
 /* v[i] = exp(v[i] - m) for i < n; returns their sum */
 static float exp_sub_sum(float *v, int64_t n, float m) {
     int64_t i = 0;
-    float sum = 0.0f;
+    route_acc sum = 0.0f;
 #if defined(VL)
     vf acc = V_SET1(0.0f);
     const vf mv = V_SET1(m);
@@ -108,7 +116,7 @@ static float exp_sub_sum(float *v, int64_t n, float m) {
         v[i] = expf(v[i] - m);
         sum += v[i];
     }
-    return sum;
+    return (float)sum;
 }
 
 /* h[f] = silu(g[f]) * u[f] = g / (1 + exp(-g)) * u for f < n */
@@ -588,10 +596,10 @@ static void route_rows(const float *x, int64_t T, int64_t H, const float *W, con
         const float *xt = x + t * H;
         for (int64_t e = 0; e < E; ++e) {
             const float *we = W + e * H;
-            float dot = 0.0f;
+            route_acc dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-            for (int64_t h = 0; h < H; ++h) dot += xt[h] * we[h];
-            l[e] = bias ? dot + bias[e] : dot;
+            for (int64_t h = 0; h < H; ++h) dot += (route_acc)xt[h] * we[h];
+            l[e] = bias ? (float)dot + bias[e] : (float)dot;
         }
         float m = -INFINITY;
         for (int64_t e = 0; e < E; ++e) m = l[e] > m ? l[e] : m;
