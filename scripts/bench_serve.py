@@ -10,6 +10,9 @@ optionally capped in concurrency, and report throughput and latency as the clien
     # it, stop it, then run the same prompts through the offline engine for a ratio
     python scripts/bench_serve.py --launch "--model tiny --weights-seed 0" --compare-offline
 
+    # a layout: the launched server under torchrun with N processes
+    python scripts/bench_serve.py --launch "--model tiny --tp 2" --launch-nproc 2
+
 What is measured
     Each request is a POST to ``--endpoint`` (default /v1/completions) with ``stream: true``,
     ``stream_options: {include_usage: true}``, ``ignore_eos: true`` and ``temperature: 0``
@@ -148,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     la = ap.add_argument_group("launch a server")
     la.add_argument("--launch", default=None, metavar='"ARGS"',
                     help="run `python -m moerun.serve ARGS --host 127.0.0.1 --port <free>` and measure it")
+    la.add_argument("--launch-nproc", type=int, default=1, metavar="N",
+                    help="run the launched server under torchrun with N processes (a layout: --tp/--pp/--ep/--dp "
+                         "in --launch); torchrun, stopped by SIGTERM after the run, exits 1 by design")
     la.add_argument("--launch-timeout", type=float, default=300.0, help="seconds to wait for GET /health == 200")
     la.add_argument("--server-log", default=None, help="keep the launched server's output in this file")
     la.add_argument("--compare-offline", action="store_true",
@@ -164,6 +170,10 @@ def check_args(ap: argparse.ArgumentParser, a) -> None:
         ap.error("--max-concurrency must be >= 1")
     if a.timeout <= 0 or a.max_duration <= 0 or a.launch_timeout <= 0:
         ap.error("--timeout, --max-duration and --launch-timeout must be > 0")
+    if a.launch_nproc < 1:
+        ap.error("--launch-nproc must be >= 1")
+    if a.launch_nproc > 1 and a.launch is None:
+        ap.error("--launch-nproc needs --launch")
     if a.temperature < 0:
         ap.error("--temperature must be >= 0")
     if a.num_warmups < 0:
@@ -231,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             prompts, note = jsonl_dataset(a.dataset_path, a.num_prompts, a.random_output_len)
         launch_opts = parse_launch_args(a.launch) if a.launch is not None else None
-        server = (LaunchedServer(a.launch, ready_timeout=a.launch_timeout, log_path=a.server_log)
+        server = (LaunchedServer(a.launch, ready_timeout=a.launch_timeout, log_path=a.server_log,
+                                 nproc=a.launch_nproc)
                   if a.launch is not None else None)
     except (OSError, ValueError) as e:
         print(f"bench_serve: error: {e}", file=sys.stderr)
@@ -279,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server is not None and server.proc is not None:
             server_code = server.stop()
-            print(f"Server stopped (exit code {server_code})", flush=True)
+            how = (" (torchrun's own code when a signal stops it; the ranks' exits are in the server's output)"
+                   if server.nproc > 1 and server_code == 1 else "")
+            print(f"Server stopped (exit code {server_code}){how}", flush=True)
 
     for e in run.warmup_errors:
         print(f"Warning: warm-up request failed: {e}")

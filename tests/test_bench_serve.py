@@ -112,6 +112,13 @@ def test_parse_launch_args():
     assert launch.parse_launch_args("")["model"] == "tiny" and launch.parse_launch_args("")["weights_seed"] == 0
     with pytest.raises(ValueError):
         launch.LaunchedServer("--port 5")
+    one, two = launch.LaunchedServer("--model tiny"), launch.LaunchedServer("--model tiny --tp 2", nproc=2)
+    assert one.cmd[:3] == launch.SERVER_CMD and one.cmd[3:5] == ["--model", "tiny"]
+    assert two.cmd[:4] == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    assert two.cmd[4].startswith("--master_port=") and two.cmd[5:7] == ["-m", "moerun.serve"]
+    assert two.cmd[7:] == ["--model", "tiny", "--tp", "2", "--host", "127.0.0.1", "--port", str(two.port)]
+    for s in (one, two):
+        os.unlink(s.log_path)
     assert bs.glue_launch(["--launch", "--model x", "--seed", "1"]) == ["--launch=--model x", "--seed", "1"]
     assert bs.redact_argv(["--api-key", "k", "--launch=--model x --api-key k2", "--api-key=k3"]) == [
         "--api-key", "<redacted>", "--launch=--model x --api-key '<redacted>'", "--api-key=<redacted>"]
@@ -415,7 +422,7 @@ def test_cpu_of_a_process_tree(tmp_path):
             f"open({str(done)!r}, 'w').close()\ntime.sleep(60)")
     parent = subprocess.Popen([sys.executable, "-c",
                                f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {spin!r}]); "
-                               "time.sleep(60)"])
+                               "time.sleep(60)"], env={**os.environ, "RANK": "3"})
     try:
         t_end = time.time() + 30
         while len(cpu.snapshot(parent.pid)) < 3:  # this process, the parent, the grandchild
@@ -436,6 +443,7 @@ def test_cpu_of_a_process_tree(tmp_path):
     (child,) = [lab for lab in used if lab.startswith("pid ") and not lab.startswith(f"pid {parent.pid} ")]
     (mid,) = [lab for lab in used if lab.startswith(f"pid {parent.pid} ")]
     assert used[child] >= 0.25 and used[mid] < 0.1, used
+    assert mid.endswith("(rank 3)")  # torchrun's RANK in a process's environment names it
     assert cpu.CLIENT in used
     assert "CPU time over the timed run" in cpu.format_cpu(list(used.items()), 1.0, launched=True)
 

@@ -68,7 +68,20 @@ def label(pid: int) -> str:
         kind = os.path.basename(argv[1])
     else:
         kind = os.path.basename(argv[0]) if argv else "?"
-    return f"pid {pid} {kind}"
+    rank = _env(pid, "RANK") if kind not in ("torchrun", "resource tracker") and "spawned" not in kind else None
+    return f"pid {pid} {kind}" + (f" (rank {rank})" if rank is not None else "")
+
+
+def _env(pid: int, name: str) -> str | None:
+    """A variable of a process's environment (torchrun gives each rank its RANK)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            for item in f.read().split(b"\0"):
+                if item.startswith(name.encode() + b"="):
+                    return item.split(b"=", 1)[1].decode(errors="replace")
+    except OSError:
+        pass
+    return None
 
 
 def snapshot(server_pid: int | None) -> dict[int, tuple[str, float]] | None:
@@ -102,7 +115,7 @@ def format_cpu(rows: list[tuple[str, float]], wall_s: float, *, launched: bool) 
     lines = [f"CPU time over the timed run ({wall_s:.2f} s wall, {os.cpu_count()} CPUs; from /proc):"]
     for lab, v in rows:
         share = f"  ({100 * v / wall_s:.1f}% of one CPU)" if wall_s > 0 else ""
-        lines.append(f"  {lab:<60}{v:7.2f} s{share}")
+        lines.append(f"  {lab:<62}{v:7.2f} s{share}")
     if not launched:
         lines.append("  (the server's own processes are seen only when bench_serve.py starts it: --launch)")
     return "\n".join(lines)

@@ -24,6 +24,13 @@ PARALLEL_FLAGS = ("--tp", "--pp", "--ep", "--dp")
 SERVER_CMD = [sys.executable, "-m", "moerun.serve"]  # what --launch runs, before its ARGS
 
 
+def torchrun_cmd(nproc: int, server_cmd: list[str]) -> list[str]:
+    """``server_cmd`` (a ``python -m MODULE`` or ``python SCRIPT``) under torchrun with
+    ``nproc`` processes on this node, on a free rendezvous port."""
+    py, *rest = server_cmd
+    return [py, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}", *rest]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -64,14 +71,16 @@ class LaunchedServer:
     in a log file. ``cmd_prefix`` replaces SERVER_CMD (tests)."""
 
     def __init__(self, launch_args: str, *, ready_timeout: float = 300.0, log_path: str | None = None,
-                 cmd_prefix: list[str] | None = None):
+                 cmd_prefix: list[str] | None = None, nproc: int = 1):
         args = shlex.split(launch_args)
         for a in args:
             if a.split("=", 1)[0] in ("--host", "--port"):
                 raise ValueError("--launch must not set --host or --port: the benchmark picks them")
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [*(cmd_prefix or SERVER_CMD), *args,
+        prefix = cmd_prefix or SERVER_CMD
+        self.nproc = nproc
+        self.cmd = [*(torchrun_cmd(nproc, prefix) if nproc > 1 else prefix), *args,
                     "--host", "127.0.0.1", "--port", str(self.port)]
         self.ready_timeout = ready_timeout
         self.keep_log = log_path is not None
