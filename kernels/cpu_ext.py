@@ -162,11 +162,19 @@ def available() -> bool:
     return _load() is not None
 
 
+_width: tuple | None = None  # (library, its vector width): asked once per loaded library
+
+
 def vector_width() -> int | None:
     """Float lanes of the build's vector path (16: AVX-512, 8: AVX2 + FMA, 1: neither), or
-    None when the kernel is not available."""
+    None when the kernel is not available. Cheap: ``torch_fused_moe`` asks on every call."""
+    global _width
     lib = _load()
-    return None if lib is None else int(lib.moerun_vector_width())
+    if lib is None:
+        return None
+    if _width is None or _width[0] is not lib:
+        _width = (lib, int(lib.moerun_vector_width()))
+    return _width[1]
 
 
 def unavailable_reason() -> str | None:

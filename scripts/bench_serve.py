@@ -83,7 +83,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the serve_bench package beside this file
 from serve_bench.client import WARMUP_FAILED, resolve_model, run_benchmark  # noqa: E402
-from serve_bench.cpu import cpu_used, format_cpu  # noqa: E402
+from serve_bench.cpu import format_cpu  # noqa: E402
 from serve_bench.cpu import snapshot as cpu_snapshot  # noqa: E402
 from serve_bench.datasets import jsonl_dataset, random_dataset  # noqa: E402
 from serve_bench.launch import LaunchedServer, LaunchError, parse_launch_args, run_offline  # noqa: E402
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
               + (f"; {s['failed']} sent requests failed or were aborted, {s['not_sent']} not sent"
                  if run.stopped.startswith("--max") else ""))
     print(format_table(summary, request_rate=a.request_rate, max_concurrency=a.max_concurrency, offline=offline))
-    cpu = cpu_used(run.cpu_before, run.cpu_after)
+    cpu = run.cpu_s
     if cpu is not None:
         print(format_cpu(cpu, summary["duration_s"], launched=server is not None))
     if summary["errors"]:

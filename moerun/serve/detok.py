@@ -35,8 +35,12 @@ PROMPT_CONTEXT = 5  # prompt ids the window starts with (vLLM's INITIAL_INCREMEN
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, skip_special_tokens: bool = True, prompt_ids: Sequence[int] = ()):
         self.tokenizer, self.skip = tokenizer, skip_special_tokens
+        self.text = ""  # everything emitted
+        self.finished = False
         make = getattr(tokenizer, "stream_decoder", None)
         self.stream = make(skip_special_tokens) if make is not None else None
+        if self.stream is not None:
+            return  # no window
         ctx = list(prompt_ids[-PROMPT_CONTEXT:])
         # context that ends mid-character would shift every later delta: start without it
         if ctx and self._decode(ctx).endswith(REPLACEMENT):
@@ -44,8 +48,6 @@ class IncrementalDetokenizer:
         self.ids = ctx
         self.prefix_offset, self.read_offset = 0, len(ctx)
         self._prefix_text = self._decode(ctx) if ctx else ""
-        self.text = ""  # everything emitted
-        self.finished = False
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip)

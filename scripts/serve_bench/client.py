@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import httpx
 
+from .cpu import cpu_used
 from .datasets import Prompt
 from .stats import arrival_offsets, itls, tpot
 
@@ -191,8 +192,7 @@ class BenchRun:
     duration_s: float
     stopped: str | None  # why the run stopped early, or None
     warmup_errors: list[str]
-    cpu_before: dict | None = None  # cpu_probe() at the timed run's start and end
-    cpu_after: dict | None = None
+    cpu_s: list | None = None  # cpu_used() of cpu_probe()'s snapshots at the timed run's start and end
 
 
 async def run_benchmark(url: str, prompts: list[Prompt], *, model: str | None, temperature: float,
@@ -258,4 +258,4 @@ async def run_benchmark(url: str, prompts: list[Prompt], *, model: str | None, t
         if rec.sent and not rec.success and rec.error is None:
             rec.error = "aborted: --max-duration reached while in flight"
             rec.finished = True
-    return BenchRun(records, t_end - t0, stopped, warm_errors, cpu_before, cpu_after)
+    return BenchRun(records, t_end - t0, stopped, warm_errors, cpu_used(cpu_before, cpu_after))

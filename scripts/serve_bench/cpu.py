@@ -56,6 +56,7 @@ def label(pid: int) -> str:
     except OSError:
         argv = []
     text = " ".join(argv)
+    ranked = False  # a rank's own process (torchrun's children inherit its RANK too)
     if "multiprocessing.resource_tracker" in text:
         kind = "resource tracker"
     elif "multiprocessing.spawn" in text or "multiprocessing-fork" in text:
@@ -63,12 +64,12 @@ def label(pid: int) -> str:
     elif "torch.distributed.run" in text or "torchrun" in text:
         kind = "torchrun"
     elif "-m" in argv and argv.index("-m") + 1 < len(argv):
-        kind = argv[argv.index("-m") + 1]
+        kind, ranked = argv[argv.index("-m") + 1], True
     elif len(argv) > 1 and argv[1].endswith(".py"):
-        kind = os.path.basename(argv[1])
+        kind, ranked = os.path.basename(argv[1]), True
     else:
-        kind = os.path.basename(argv[0]) if argv else "?"
-    rank = _env(pid, "RANK") if kind not in ("torchrun", "resource tracker") and "spawned" not in kind else None
+        kind, ranked = (os.path.basename(argv[0]) if argv else "?"), True
+    rank = _env(pid, "RANK") if ranked else None
     return f"pid {pid} {kind}" + (f" (rank {rank})" if rank is not None else "")
 
 
