@@ -190,7 +190,8 @@ def test_stream_interval_sends_tokens_n_at_a_time(checkpoint, offline):
         gaps0 = s.metric("inter_token_latency_seconds_count")
         chunks = [ch.choices[0] for ch in s.client.completions.create(stream=True, **kw) if ch.choices]
         sizes = [len(ch.model_extra["token_ids"]) for ch in chunks]
-        assert sizes[0] == 1 and sum(sizes) == n and all(k % 3 == 0 for k in sizes[1:-1]), sizes
+        # the engine sends 1, then 3s; a stream that reads late merges what piled up (1 + 3k)
+        assert sizes[0] % 3 == 1 and sum(sizes) == n and all(k % 3 == 0 for k in sizes[1:-1]), sizes
         assert len(chunks) < n  # not one chunk per token
         assert [t for ch in chunks for t in ch.model_extra["token_ids"]] == want == whole.model_extra["token_ids"]
         assert "".join(ch.text for ch in chunks) == whole.text

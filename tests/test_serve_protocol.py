@@ -285,3 +285,30 @@ def test_chat_response_shapes():
     assert P.model_list([card]) == {"object": "list", "data": [
         {"id": "m", "object": "model", "created": 1, "owned_by": "moerun", "root": "m", "parent": None,
          "max_model_len": 4096, "permission": []}]}
+
+
+def _text(rng) -> str:
+    pool = ['a', ' ', '"', '\\', '\n', '\t', '\x00', '\x1f', '\x7f', '\u00e9', '\u2028', '\u4e2d', '\U0001F600',
+            '\ud800', '</script>', '{"x": [1]}']
+    return "".join(rng.choice(pool) for _ in range(rng.randrange(0, 12)))
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_token_chunk_template_is_the_chunk_sse_would_write(chat):
+    """TokenChunks writes, byte for byte, what sse() writes for the same chunk dict (with
+    token_ids added), for any text: quotes, controls, non-ASCII, a lone surrogate."""
+    import random
+
+    rng = random.Random(7 + chat)
+    for _ in range(300):
+        rid, model, created = P.new_id("chatcmpl" if chat else "cmpl"), _text(rng) or "m", rng.randrange(2**31)
+        index, text = rng.randrange(0, 64), _text(rng)
+        ids = [rng.randrange(0, 200_000) for _ in range(rng.randrange(0, 5))]
+        if chat:
+            want = P.chat_chunk(rid, model, created, index, content=text)
+        else:
+            want = P.completion_chunk(rid, model, created, index, text)
+        want["choices"][0]["token_ids"] = ids
+        got = P.TokenChunks(rid, model, created, chat)(index, text, ids)
+        assert got == P.sse(want)
+        assert json.loads(got[len("data: "):]) == want

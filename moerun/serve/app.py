@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import __version__
 from . import protocol as P
 from .chat import chat_prompt_ids
-from .client import EngineClient
+from .client import EngineClient, Inbox
 from .detok import TextStream
 from .loop import Accepted, Failed
 from .metrics import RequestClock, ServerMetrics
@@ -102,9 +102,9 @@ class Choice:
         self.accepted = False  # the engine took it (an Accepted came)
         self.closed = False
 
-    def submit(self, engine: EngineClient, queue: asyncio.Queue | None = None) -> None:
+    def submit(self, engine: EngineClient, inbox: Inbox | None = None) -> None:
         self.engine = engine
-        self.handle = engine.submit(self.prompt, self.params, asyncio.get_running_loop(), queue, self)
+        self.handle = engine.submit(self.prompt, self.params, inbox, self)
 
     def on_item(self, item, t: float | None = None) -> str | None:
         """One item from the engine (``t``: when its step ended): None for ``Accepted``, the
@@ -157,13 +157,15 @@ class Choice:
 
 
 async def run_choice(state: ServerState, c: Choice) -> None:
-    """Drive one engine request to its end (its own queue). Aborts the engine request when
+    """Drive one engine request to its end (its own inbox). Aborts the engine request when
     cancelled; raises the APIError of a failure."""
     c.submit(state.serving())
     try:
         while c.finish_reason is None:
-            _, item, t = await c.handle.queue.get()
-            c.on_item(item, t)
+            for _, item, t in await c.handle.inbox.take():
+                c.on_item(item, t)
+                if c.finish_reason is not None:
+                    break
     finally:
         c.close(state.metrics)
 
@@ -265,7 +267,9 @@ def build_app(state: ServerState) -> FastAPI:
                                          f"(0..{state.vocab_size - 1}).", "tokens")
         return {"prompt": state.tokenizer.decode(req.tokens)}
 
-    @app.post("/v1/completions")
+    # The two generation routes are plain Starlette routes (the handler takes the Request and
+    # returns a Response): FastAPI's dependency solving and response wrapping cost more per
+    # request than the route's own work; errors still go through the APIError handler above.
     async def completions(request: Request):
         req = P.parse_request(P.CompletionRequest, await request.body())
         P.check_model(req.model, settings.served_model_name)
@@ -275,7 +279,6 @@ def build_app(state: ServerState) -> FastAPI:
         echo = P.echo_texts(req, state.tokenizer, prompts) if req.echo else None
         return await respond(request, state, req, choices, chat=False, echo=echo)
 
-    @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = P.parse_request(P.ChatCompletionRequest, await request.body())
         P.check_model(req.model, settings.served_model_name)
@@ -285,6 +288,8 @@ def build_app(state: ServerState) -> FastAPI:
         choices = make_choices(state, req, [prompt], req.max_output_tokens, param, "messages")
         return await respond(request, state, req, choices, chat=True)
 
+    app.add_route("/v1/completions", completions, methods=["POST"])
+    app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     return app
 
 
@@ -340,25 +345,23 @@ async def respond(request: Request, state: ServerState, req, choices: list[Choic
         build = P.chat_response if chat else P.completion_response
         return JSONResponse(build(rid, model, out, usage, created))
 
-    # Streaming: the events of every choice come into one queue that the stream reads itself
+    # Streaming: the events of every choice come into one inbox that the stream reads itself
     # (no task per choice), all that have come at each wake-up: a choice's tokens that came
     # together (held back by --stream-interval, or piled up while the stream was slower than
     # the engine) go out as one chunk, as vLLM merges a slow consumer's outputs. Every
     # choice's first event must be in before the 200 goes out, so that a request the engine
     # refuses still gets its 400.
-    queue: asyncio.Queue = asyncio.Queue()
+    inbox = Inbox()
     engine = state.serving()
     for c in choices:
-        c.submit(engine, queue)
+        c.submit(engine, inbox)
 
     async def read() -> list[tuple]:
         """Every engine item that has come (waiting for the first), as one piece per choice
         in the order the choices first appear: (choice, text, finish_reason, stop_reason),
         text None when a choice only got its Accepted. Each finish state is taken now: a
         later piece of the same choice may finish it before this one is sent."""
-        items = [await queue.get()]
-        while not queue.empty():
-            items.append(queue.get_nowait())
+        items = await inbox.take()
         merged: dict[Choice, str | None] = {}
         for h, item, t in items:
             c = h.owner
@@ -381,6 +384,8 @@ async def respond(request: Request, state: ServerState, req, choices: list[Choic
     except BaseException:
         close_all()
         raise
+
+    plain = P.TokenChunks(rid, model, created, chat)
 
     async def stream():
         for c in choices:
@@ -411,6 +416,10 @@ async def respond(request: Request, state: ServerState, req, choices: list[Choic
             elif not (text or c.unsent):
                 continue
             lp = logprobs_of(c)
+            if not final and lp is None:  # the common chunk, from its template
+                yield plain(c.index, text, c.unsent)
+                c.unsent = []
+                continue
             if chat:
                 chunk = P.chat_chunk(rid, model, created, c.index, content=text if text or not final else None,
                                      logprobs=lp, finish_reason=finish_reason, stop_reason=stop_reason)
@@ -429,13 +438,25 @@ class ClosingStreamingResponse(StreamingResponse):
     """A StreamingResponse that calls ``on_close`` however it ends: written out, the client
     gone (even before the first chunk, when the body never starts), or an error. The
     client's disconnect is watched by one plain asyncio task that cancels the stream (what
-    Starlette does with an anyio task group, at less cost per request)."""
+    Starlette does with an anyio task group, at less cost per request). The body's chunks
+    go to the server's own ``send`` when ``RawSend`` put it in the scope: the middleware
+    stack's send wrappers only watch the response's start, which still passes them."""
 
     def __init__(self, content, on_close, **kw):
         super().__init__(content, **kw)
         self.on_close = on_close
+        self.raw_send = None
+
+    async def stream_response(self, send):
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        send = self.raw_send or send
+        async for chunk in self.body_iterator:
+            await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope, receive, send):
+        self.raw_send = scope.get(RawSend.KEY)
+
         async def watch():
             while (await receive())["type"] != "http.disconnect":
                 pass
@@ -450,6 +471,19 @@ class ClosingStreamingResponse(StreamingResponse):
                 t.cancel()
             await asyncio.gather(body, watcher, return_exceptions=True)
             self.on_close()
+
+
+class RawSend:
+    """The outermost ASGI layer (``RawSend(build_app(state))``): puts the server's own
+    ``send`` in the scope, for the streams' body chunks (``ClosingStreamingResponse``)."""
+    KEY = "moerun.raw_send"
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        scope[self.KEY] = send
+        await self.app(scope, receive, send)
 
 
 async def run_all(request: Request, state: ServerState, choices: list[Choice]) -> None:

@@ -17,6 +17,8 @@ error and every rank exits non-zero.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import gc
 import logging
 import multiprocessing as mp
 import os
@@ -37,7 +39,7 @@ from ..profile.summary import build_summary, check_out_dir
 from ..profile_report import publish
 from ..runtime import Runtime, gather_expert_load, launched_world
 from ..tokenizer import load_tokenizer
-from .app import ServerSettings, ServerState, build_app
+from .app import RawSend, ServerSettings, ServerState, build_app
 from .chat import load_chat_template
 from .client import EngineClient
 from .loop import EngineLoop
@@ -120,11 +122,15 @@ def _serve(args) -> int:
     try:
         return _lead(args, opts, par, ecfg, conn, proc)
     finally:
-        try:  # (closing alone would not wake the HTTP process: our reader thread holds the pipe)
+        try:
             conn.send(("stop",))
         except OSError:
             pass
         proc.join(10)
+        if proc.is_alive():  # it ignores SIGTERM (the engine process drains for it): SIGKILL
+            log.warning("the HTTP process did not exit within 10 s of the stop: killing it")
+            proc.kill()
+            proc.join(5)
 
 
 def _lead(args, opts, par, ecfg, conn, proc) -> int:
@@ -218,29 +224,46 @@ def http_main(conn, spec: HttpSpec) -> None:
         tok = load_tokenizer(spec.model, cfg)
         template = load_chat_template(spec.model) if os.path.isdir(spec.model) else None
         state.ready(client, tok, template, vocab_size, max_model_len)
+        # the ~200k objects loaded so far (FastAPI, pydantic, the tokenizer) live as long as the
+        # process: out of the collector's sight, a full collection no longer walks them all
+        # while streams are being written
+        gc.freeze()
 
     client = EngineClient(conn, on_stats, on_ready)
-    http = HttpThread(build_app(state), spec.host, spec.port)
+    http = HttpThread(RawSend(build_app(state)), spec.host, spec.port)
     try:
         http.start()
     except (ValueError, RuntimeError) as e:
         conn.send(("http", False, str(e)))
         return
     conn.send(("http", True, http.port))
-    client.run()  # until the engine process closes the pipe
+    client.attach(http.aio)  # the event loop reads the engine's pipe from now on
+    while not client.wait(1.0):  # until the engine process closes the pipe
+        if not http.thread.is_alive():
+            log.error("the HTTP server's thread ended: the HTTP process exits")
+            break
     http.stop()
 
 
 class HttpThread:
-    """uvicorn in a daemon thread (the main thread keeps the engine and the signals)."""
+    """uvicorn in a daemon thread, on an event loop of its own that ``aio`` names (uvloop
+    when installed, as uvicorn picks): the engine's pipe is read in that loop too."""
 
     def __init__(self, app, host: str, port: int):
         import uvicorn
 
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                                     lifespan="off", timeout_graceful_shutdown=5))
-        self.thread = threading.Thread(target=self.server.run, name="http", daemon=True)
+        self.aio = new_event_loop()
+        self.thread = threading.Thread(target=self._run, name="http", daemon=True)
         self.port = port
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.aio)
+        try:
+            self.aio.run_until_complete(self.server.serve())
+        finally:
+            self.aio.close()
 
     def start(self, timeout_s: float = 30.0) -> None:
         self.thread.start()
@@ -258,6 +281,14 @@ class HttpThread:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 if __name__ == "__main__":

@@ -10,10 +10,15 @@ the two never contend for one interpreter lock.
 
 Messages, HTTP -> engine: ``("submit", hid, prompt_ids, SamplingParams)``,
 ``("abort", hid)``. Engine -> HTTP: ``("ready", vocab_size, max_model_len)`` once loaded,
-``("step", [(hid, item, t), ...], Stats)`` once per step that has something to say (items:
-``Accepted``, ``Failed``, ``TokenEvent``; ``t`` is the ``time.monotonic()`` at which the step
-that made a token ended, None for the others), ``("drain",)`` when draining starts,
-``("stop",)`` at the end. A reader thread takes the HTTP messages into the loop between steps.
+``("step", [(hid, item, t), ...], Stats, t_step, [hid, ...], [token, ...])`` once per step
+that has something to say. The items come first: ``Accepted``, ``Failed``, or a token event
+as a plain tuple that ``Token._make`` reads (``t``: the ``time.monotonic()`` at which the
+step that made the token ended; None for the others). Then the step's plain tokens (not the
+last, no log probabilities, made by this step, which ended at ``t_step``) as two columns of
+ints: most steps are only those, and a message of columns unpickles in a fraction of the
+time of one object per token (the HTTP process's one thread does that work for every step).
+``("drain",)`` when draining starts, ``("stop",)`` at the end. A reader thread takes the
+HTTP messages into the loop between steps.
 
 ``stream_interval`` N > 1 (SGLang's ``--stream-interval``) holds a request's tokens back and
 sends them N at a time: its first token goes at once, then every Nth, and whatever is held
@@ -34,6 +39,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..engine import Engine
 
@@ -55,8 +61,21 @@ class Failed:
     message: str
 
 
-@dataclass(frozen=True)
-class Stats:
+class Token(NamedTuple):
+    """An engine ``TokenEvent`` on the HTTP side (it crosses the pipe as a plain tuple, or
+    as two ints in a step's columns)."""
+    token: int | None
+    finished: bool
+    finish_reason: str | None
+    logprob: float | None
+    top_logprobs: tuple
+
+    @staticmethod
+    def wire(ev) -> tuple:
+        return ev.token, ev.finished, ev.finish_reason, ev.logprob, ev.top_logprobs
+
+
+class Stats(NamedTuple):
     """The engine's queue after a step, for /metrics and --max-waiting."""
     running: int
     waiting: int
@@ -78,6 +97,9 @@ class EngineLoop:
         self.drain_deadline = 0.0
         self.http_gone = False
         self.num_requests = self.prompt_tokens = self.output_tokens = 0  # served, for the profile
+        self.t_step: float | None = None  # when the last step ended
+        self.hids: list[int] = []  # the step's plain tokens' handles and tokens (the columns)
+        self.tokens: list[int] = []
         threading.Thread(target=self._read, name="from-http", daemon=True).start()
 
     def _read(self) -> None:
@@ -137,7 +159,7 @@ class EngineLoop:
                 held_only = False  # a step whose every token is held back: nothing to send
                 if self.engine.has_unfinished():
                     events = self.engine.step()
-                    now = time.monotonic()
+                    now = self.t_step = time.monotonic()
                     for ev in events:
                         hid = self.live.get(ev.req_id)
                         if hid is None:
@@ -147,7 +169,7 @@ class EngineLoop:
                             del self.live[ev.req_id]
                             self.req_of.pop(hid, None)
                         self._emit(hid, ev, now, out)
-                    held_only = not out
+                    held_only = not (out or self.hids)
                 if not held_only:
                     self._flush(out)
         except BaseException as e:
@@ -161,10 +183,14 @@ class EngineLoop:
         """A token event to send now, or to hold back (``stream_interval``)."""
         n = self.stream_interval
         if n == 1:
-            out.append((hid, ev, t))
+            if ev.finished or ev.logprob is not None or ev.token is None:
+                out.append((hid, Token.wire(ev), t))
+            else:  # a plain token: into the step's columns
+                self.hids.append(hid)
+                self.tokens.append(ev.token)
             return
         held = self.held.setdefault(hid, [])
-        held.append((hid, ev, t))
+        held.append((hid, Token.wire(ev), t))
         first = ev.token is not None and hid not in self.started
         if first:
             self.started.add(hid)
@@ -199,6 +225,7 @@ class EngineLoop:
     def _flush(self, out: list) -> None:
         e = self.engine
         stats = Stats(e.num_running(), e.num_waiting(), e.kv_usage(), e.num_preemptions)
-        if out or not self.http_gone:
-            self._send(("step", list(out), stats))
+        if out or self.hids or not self.http_gone:
+            self._send(("step", list(out), stats, self.t_step, self.hids, self.tokens))
         out.clear()
+        self.hids, self.tokens = [], []

@@ -57,23 +57,22 @@ def _error_text(obj: dict) -> str:
     return str(err)[:300]
 
 
-def _sse_line(raw: bytes, rec: RequestRecord, st: float, now: float) -> bool:
-    """One line of the stream into ``rec`` (``now``: when it arrived); True at ``data: [DONE]``."""
-    line = raw.decode("utf-8", "replace").strip()
-    if not line.startswith("data:"):
-        return False  # blank separators, ": comments", event:/id: fields
-    data = line[5:].strip()
-    if data == "[DONE]":
+def _sse_data(raw: bytes, rec: RequestRecord, st: float, now: float) -> bool:
+    """One ``data:`` line of the stream into ``rec`` (``now``: when it arrived); True at
+    ``data: [DONE]``. (The caller skips every other line: blank separators, ": comments",
+    event:/id: fields.)"""
+    data = raw[5:].strip()
+    if data == b"[DONE]":
         return True
     try:
-        obj = json.loads(data)
-    except ValueError:
+        obj = json.loads(data)  # bytes: json decodes the UTF-8 itself
+    except ValueError:  # UnicodeDecodeError included
         raise RequestFailed(f"malformed SSE data: {data[:200]!r}") from None
     if not isinstance(obj, dict):
         raise RequestFailed(f"SSE data is not an object: {data[:200]!r}")
     if "error" in obj or obj.get("object") == "error":
         raise RequestFailed(f"error chunk: {_error_text(obj)}")
-    choices = obj.get("choices") or []
+    choices = obj.get("choices")
     if choices:
         c = choices[0] if isinstance(choices[0], dict) else {}
         text, role_only = c.get("text"), False
@@ -81,11 +80,12 @@ def _sse_line(raw: bytes, rec: RequestRecord, st: float, now: float) -> bool:
             text = c["delta"].get("content")
             role_only = "role" in c["delta"] and not text  # the role chunk is no token
         text = text or ""
-        if text or (c.get("finish_reason") is None and not role_only):
+        finish = c.get("finish_reason")
+        if text or (finish is None and not role_only):
             rec.token_times_s.append(now - st)
             rec.text_chars += len(text)
-        if c.get("finish_reason"):
-            rec.finish_reason = c["finish_reason"]
+        if finish:
+            rec.finish_reason = finish
     usage = obj.get("usage")
     if isinstance(usage, dict):
         if isinstance(usage.get("completion_tokens"), int):
@@ -113,11 +113,14 @@ async def _stream(client: aiohttp.ClientSession, url: str, headers: dict, payloa
             lines += len(whole)
             if lines > max_lines:
                 raise RequestFailed(f"more than {max_lines} SSE lines for max_tokens {payload['max_tokens']}")
-            done = any(_sse_line(raw, rec, st, now) for raw in whole)  # stops at [DONE]
+            for raw in whole:
+                if raw.startswith(b"data:") and _sse_data(raw, rec, st, now):
+                    done = True  # stops at [DONE]
+                    break
             if done:
                 break
-        if not done and rest.strip():
-            done = _sse_line(rest, rec, st, time.perf_counter())  # a last line without its newline
+        if not done and rest.startswith(b"data:"):
+            done = _sse_data(rest, rec, st, time.perf_counter())  # a last line without its newline
         if not done:
             raise RequestFailed("stream ended without data: [DONE]")
     if not rec.token_times_s:

@@ -39,7 +39,8 @@ Policies:
   developer, user and assistant ("tool" needs tools, which are not supported).
 
 Responses are plain dicts in vLLM's / OpenAI's shapes (each builder's docstring lists the
-keys); ``sse(obj)`` frames one for a stream and ``SSE_DONE`` ends it. Log probabilities come
+keys); ``sse(obj)`` frames one for a stream and ``SSE_DONE`` ends it; ``TokenChunks`` frames
+a stream's plain text chunks from a template, the same bytes. Log probabilities come
 from the engine as ``(token_id, logprob, ((top_id, top_logprob), ...))`` triples
 (``moerun.sampling.Sampled``) and are formatted with ``CompletionLogprobs`` (one per choice:
 it carries ``text_offset`` across stream chunks) or ``chat_logprobs``. In a stream, a token
@@ -51,14 +52,14 @@ from .errors import APIError, check_model, error_body, parse_request, validation
 from .requests import (MAX_FANOUT, MAX_LOGPROBS, MAX_N, ChatCompletionRequest, ChatMessage, CompletionRequest,
                        StreamOptions, TextPart, check_fanout, check_length, choice_index, echo_texts, prompts_of,
                        resolve_max_tokens, to_sampling)
-from .responses import (LOGPROB_FLOOR, SSE_DONE, CompletionLogprobs, chat_chunk, chat_choice, chat_logprobs,
+from .responses import (LOGPROB_FLOOR, SSE_DONE, CompletionLogprobs, TokenChunks, chat_chunk, chat_choice, chat_logprobs,
                         chat_response, chat_role_chunk, completion_choice, completion_chunk, completion_response,
                         dumps, model_card, model_list, new_id, now, sse, token_text, usage, usage_chunk)
 
 __all__ = ["APIError", "check_model", "error_body", "parse_request", "validation_error", "MAX_FANOUT",
            "MAX_LOGPROBS", "MAX_N", "ChatCompletionRequest", "ChatMessage", "CompletionRequest", "StreamOptions",
            "TextPart", "check_fanout", "check_length", "choice_index", "echo_texts", "prompts_of",
-           "resolve_max_tokens", "to_sampling", "LOGPROB_FLOOR", "SSE_DONE", "CompletionLogprobs", "chat_chunk",
+           "resolve_max_tokens", "to_sampling", "LOGPROB_FLOOR", "SSE_DONE", "CompletionLogprobs", "TokenChunks", "chat_chunk",
            "chat_choice", "chat_logprobs", "chat_response", "chat_role_chunk", "completion_choice",
            "completion_chunk", "completion_response", "dumps", "model_card", "model_list", "new_id", "now", "sse",
            "token_text", "usage", "usage_chunk"]

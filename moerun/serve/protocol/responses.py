@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+_encode_str = json.encoder.encode_basestring  # what dumps writes a str as (ensure_ascii=False)
 LOGPROB_FLOOR = -9999.0  # what -inf is sent as (JSON has no -inf), like vLLM
 
 
@@ -176,9 +177,12 @@ def model_list(cards: list[dict]) -> dict:
     return {"object": "list", "data": cards}
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def dumps(obj: Any) -> str:
     """Compact JSON, UTF-8 text kept as is (vLLM's framing)."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return _ENCODER.encode(obj)
 
 
 def sse(obj: Any) -> str:
@@ -187,3 +191,27 @@ def sse(obj: Any) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+
+class TokenChunks:
+    """The SSE frame of a stream's most common chunk, from a template: one choice's new text
+    and token ids, no log probabilities, not its last chunk. Byte for byte what
+    ``sse(chunk)`` gives for ``completion_chunk(request_id, model, created, index, text)``
+    (or ``chat_chunk(..., content=text)``) with ``"token_ids"`` added to the choice, at a
+    tenth of the cost: it runs once per token of every stream.
+
+        frame = TokenChunks(request_id, model, created, chat=False)
+        frame(index, text, token_ids)    # "data: {...}\n\n"
+    """
+
+    def __init__(self, request_id: str, model: str, created: int, chat: bool):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        head = dumps({"id": request_id, "object": obj, "created": created, "model": model})
+        self.head = f'data: {head[:-1]},"choices":[{{"index":'
+        self.text = ',"delta":{"content":' if chat else ',"text":'
+        self.rest = ('}' if chat else '') + ',"logprobs":null,"finish_reason":null,"stop_reason":null,"token_ids":['
+        self.end = ']}],"usage":null}\n\n'
+
+    def __call__(self, index: int, text: str, token_ids: list[int]) -> str:
+        ids = ",".join(map(str, token_ids))
+        return f"{self.head}{int(index)}{self.text}{_encode_str(text)}{self.rest}{ids}{self.end}"
