@@ -130,7 +130,7 @@ def test_every_event_reaches_its_request_in_order(interval):
             merged += [(h.owner, item, t) for h, item, t in await shared.take()]
         return engine, handles, params, results, merged
 
-    engine, handles, params, results, merged = _run(interval, 0, body)
+    engine, _, params, results, merged = _run(interval, 0, body)
     for rid, (p, got) in enumerate(zip(params, results)):
         assert isinstance(got[0][0], Accepted) and got[0][0].req_id == rid
         tokens = [item for item, _ in got[1:]]

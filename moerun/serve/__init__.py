@@ -12,6 +12,9 @@ The modules, each small and usable on its own:
               rendered the way transformers renders it, then tokenized
     metrics   the Prometheus metrics (moerun:*) in their own registry, rendered for GET /metrics
     loop      EngineLoop: the engine driven from the main thread, requests in, events out
+    client    EngineClient: the HTTP process's end of the pipe, read in the event loop; Inbox
+    choice    Choice: one engine request's events -> text, token ids, logprobs; run_all
+    asgi      the API-key middleware, the streamed response, RawSend (plain ASGI)
     app       the FastAPI app: the routes, n choices per request, streams, disconnects
     cli       `moerun serve`: flags, the HTTP thread, signals and draining, followers
 

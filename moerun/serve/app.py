@@ -19,21 +19,20 @@ concurrently; a stream interleaves their chunks as tokens arrive.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import os
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
 from . import protocol as P
+from .asgi import ApiKeyMiddleware, ClosingStreamingResponse
 from .chat import chat_prompt_ids
+from .choice import Choice, run_all
 from .client import EngineClient, Inbox
-from .detok import TextStream
-from .loop import Accepted, Failed
-from .metrics import RequestClock, ServerMetrics
+from .metrics import ServerMetrics
 
 # seconds a stream waits before it reads each piece (tests: the engine's events pile up, as
 # they do when it runs faster than the stream is written)
@@ -72,104 +71,6 @@ class ServerState:
         return loop
 
 
-class _NoText:
-    """A model without a tokenizer: no text, the token ids carry the answer (``token_ids``)."""
-    stopped, stop_reason, text = False, None, ""
-
-    def add(self, token_id: int) -> str:
-        return ""
-
-    def finish(self) -> str:
-        return ""
-
-
-class Choice:
-    """One engine request: one sample of one prompt, and the text it has produced. Every
-    choice also carries its token ids (``token_ids``, as vLLM's return_token_ids does)."""
-
-    def __init__(self, index: int, prompt: list[int], params, stops, tokenizer, skip_special: bool):
-        self.index, self.prompt, self.params = index, prompt, params
-        self.text = TextStream(tokenizer, stops, skip_special, prompt) if tokenizer is not None else _NoText()
-        self.clock = RequestClock()
-        self.num_tokens = 0
-        self.ids: list[int] = []  # every generated token
-        self.unsent: list[int] = []  # token ids not yet in a chunk
-        self.sampled: list = []  # (token, logprob, top) of tokens not yet sent, when logprobs are asked
-        self.finish_reason: str | None = None
-        self.stop_reason: int | str | None = None
-        self.handle = None
-        self.engine: EngineClient | None = None
-        self.accepted = False  # the engine took it (an Accepted came)
-        self.closed = False
-
-    def submit(self, engine: EngineClient, inbox: Inbox | None = None) -> None:
-        self.engine = engine
-        self.handle = engine.submit(self.prompt, self.params, inbox, self)
-
-    def on_item(self, item, t: float | None = None) -> str | None:
-        """One item from the engine (``t``: when its step ended): None for ``Accepted``, the
-        text to send for a token event ("" while held back); a ``Failed`` (or a server-side
-        abort) raises the APIError the client gets."""
-        if isinstance(item, Failed):
-            raise P.APIError(item.status, item.message, "server_error" if item.status >= 500 else
-                             "invalid_request_error")
-        if isinstance(item, Accepted):
-            self.accepted = True
-            return None
-        text = self.take(item, t)
-        if self.finish_reason == "abort":  # aborted by the server (drain timeout), not by the client
-            raise P.APIError.unavailable("The request was aborted: the server is shutting down.")
-        return text
-
-    def close(self, metrics: ServerMetrics) -> None:
-        """Done with it (finished, failed, or the client is gone): abort the engine request if
-        it may still run (a stop string ends it here before the engine knows), so its KV blocks
-        are freed now, and count it. Idempotent."""
-        if self.closed or self.engine is None:
-            return
-        self.closed = True
-        if self.finish_reason is None or self.text.stopped:
-            self.engine.abort(self.handle)
-        reason = self.finish_reason if self.finish_reason in ("stop", "length") else "abort"
-        metrics.request_finished(reason, len(self.prompt), self.num_tokens, self.clock.ttft, self.clock.itls,
-                                 self.clock.e2e())
-
-    def take(self, ev, t: float | None = None) -> str:
-        """An engine event into text to send (stop strings held back and cut)."""
-        out = ""
-        if ev.token is not None:
-            self.clock.token(t)
-            self.num_tokens += 1
-            self.ids.append(ev.token)
-            self.unsent.append(ev.token)
-            out = self.text.add(ev.token)
-            if self.params.logprobs is not None:
-                self.sampled.append((ev.token, ev.logprob, ev.top_logprobs))
-            if self.text.stopped:
-                self.finish_reason, self.stop_reason = "stop", self.text.stop_reason
-                return out
-        if ev.finished:
-            out += self.text.finish()
-            self.finish_reason = ev.finish_reason
-            if ev.finish_reason == "stop" and ev.token in self.params.stop_token_ids:
-                self.stop_reason = ev.token
-        return out
-
-
-async def run_choice(state: ServerState, c: Choice) -> None:
-    """Drive one engine request to its end (its own inbox). Aborts the engine request when
-    cancelled; raises the APIError of a failure."""
-    c.submit(state.serving())
-    try:
-        while c.finish_reason is None:
-            for _, item, t in await c.handle.inbox.take():
-                c.on_item(item, t)
-                if c.finish_reason is not None:
-                    break
-    finally:
-        c.close(state.metrics)
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -185,24 +86,6 @@ class TokenizeRequest(_Strict):
 class DetokenizeRequest(_Strict):
     model: str | None = None
     tokens: list[int] = Field(min_length=0)
-
-
-class ApiKeyMiddleware:
-    """401 for a /v1 request without ``Authorization: Bearer <api key>``. Plain ASGI, not
-    ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware runs every response through
-    an extra memory stream and task group, which cost more CPU per streamed chunk than the
-    chunk itself."""
-
-    def __init__(self, app, api_key: str):
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-            if not hmac.compare_digest(given, self.expected):
-                await JSONResponse(P.error_body(P.APIError.unauthorized()), status_code=401)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -432,77 +315,3 @@ async def respond(request: Request, state: ServerState, req, choices: list[Choic
                                       chat))
         yield P.SSE_DONE
     return ClosingStreamingResponse(stream(), close_all, media_type="text/event-stream")
-
-
-class ClosingStreamingResponse(StreamingResponse):
-    """A StreamingResponse that calls ``on_close`` however it ends: written out, the client
-    gone (even before the first chunk, when the body never starts), or an error. The
-    client's disconnect is watched by one plain asyncio task that cancels the stream (what
-    Starlette does with an anyio task group, at less cost per request). The body's chunks
-    go to the server's own ``send`` when ``RawSend`` put it in the scope: the middleware
-    stack's send wrappers only watch the response's start, which still passes them."""
-
-    def __init__(self, content, on_close, **kw):
-        super().__init__(content, **kw)
-        self.on_close = on_close
-        self.raw_send = None
-
-    async def stream_response(self, send):
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        send = self.raw_send or send
-        async for chunk in self.body_iterator:
-            await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    async def __call__(self, scope, receive, send):
-        self.raw_send = scope.get(RawSend.KEY)
-
-        async def watch():
-            while (await receive())["type"] != "http.disconnect":
-                pass
-        body = asyncio.ensure_future(self.stream_response(send))
-        watcher = asyncio.ensure_future(watch())
-        try:
-            await asyncio.wait((body, watcher), return_when=asyncio.FIRST_COMPLETED)
-            if body.done():
-                body.result()  # its error, if it failed
-        finally:
-            for t in (body, watcher):
-                t.cancel()
-            await asyncio.gather(body, watcher, return_exceptions=True)
-            self.on_close()
-
-
-class RawSend:
-    """The outermost ASGI layer (``RawSend(build_app(state))``): puts the server's own
-    ``send`` in the scope, for the streams' body chunks (``ClosingStreamingResponse``)."""
-    KEY = "moerun.raw_send"
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        scope[self.KEY] = send
-        await self.app(scope, receive, send)
-
-
-async def run_all(request: Request, state: ServerState, choices: list[Choice]) -> None:
-    """Every choice to its end; a client that disconnects first cancels them (which aborts
-    their engine requests); the first error is raised."""
-    tasks = [asyncio.create_task(run_choice(state, c)) for c in choices]
-    gathered = asyncio.gather(*tasks)
-    try:
-        while True:
-            done, _ = await asyncio.wait({gathered}, timeout=0.25)
-            if done:
-                gathered.result()
-                return
-            if await request.is_disconnected():
-                raise asyncio.CancelledError("client disconnected")
-    finally:
-        for t in tasks:
-            t.cancel()
-        if not gathered.done():
-            gathered.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-

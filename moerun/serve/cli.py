@@ -39,7 +39,8 @@ from ..profile.summary import build_summary, check_out_dir
 from ..profile_report import publish
 from ..runtime import Runtime, gather_expert_load, launched_world
 from ..tokenizer import load_tokenizer
-from .app import RawSend, ServerSettings, ServerState, build_app
+from .app import ServerSettings, ServerState, build_app
+from .asgi import RawSend
 from .chat import load_chat_template
 from .client import EngineClient
 from .loop import EngineLoop
