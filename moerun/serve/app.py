@@ -213,7 +213,7 @@ async def respond(request: Request, state: ServerState, req, choices: list[Choic
         return P.chat_logprobs(entries, state.tokenizer, lp_n) if chat else formatters[c.index](entries)
 
     if not req.stream:  # each choice's TextStream keeps its whole text; logprobs formatted once at the end
-        await run_all(request, state, choices)
+        await run_all(request, choices, state.serving(), state.metrics)
         out = []
         for c in choices:
             text, lp = c.text.text, logprobs_of(c)

@@ -7,7 +7,7 @@ requests to their end (a stream reads its choices' events itself, ``moerun.serve
     c.submit(engine_client)            # or c.submit(engine_client, shared_inbox)
     text = c.on_item(item, t)          # each (item, t) from the inbox: "" while held back
     c.close(metrics)                   # aborts it in the engine if it may still run; counts it
-    await run_all(request, state, choices)   # every choice to its end, aborted on disconnect
+    await run_all(request, choices, engine, metrics)   # every choice to its end, aborted on disconnect
 """
 from __future__ import annotations
 
@@ -22,8 +22,6 @@ from .metrics import RequestClock, ServerMetrics
 
 if TYPE_CHECKING:
     from fastapi import Request
-
-    from .app import ServerState
 
 
 class _NoText:
@@ -110,10 +108,10 @@ class Choice:
         return out
 
 
-async def run_choice(state: ServerState, c: Choice) -> None:
+async def run_choice(c: Choice, engine: EngineClient, metrics: ServerMetrics) -> None:
     """Drive one engine request to its end (its own inbox). Aborts the engine request when
     cancelled; raises the APIError of a failure."""
-    c.submit(state.serving())
+    c.submit(engine)
     try:
         while c.finish_reason is None:
             for _, item, t in await c.handle.inbox.take():
@@ -121,13 +119,13 @@ async def run_choice(state: ServerState, c: Choice) -> None:
                 if c.finish_reason is not None:
                     break
     finally:
-        c.close(state.metrics)
+        c.close(metrics)
 
 
-async def run_all(request: Request, state: ServerState, choices: list[Choice]) -> None:
+async def run_all(request: Request, choices: list[Choice], engine: EngineClient, metrics: ServerMetrics) -> None:
     """Every choice to its end; a client that disconnects first cancels them (which aborts
     their engine requests); the first error is raised."""
-    tasks = [asyncio.create_task(run_choice(state, c)) for c in choices]
+    tasks = [asyncio.create_task(run_choice(c, engine, metrics)) for c in choices]
     gathered = asyncio.gather(*tasks)
     try:
         while True:
