@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import pickle
 import threading
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .loop import Failed, Stats, Token
+
+log = logging.getLogger("moerun")
 
 
 class Inbox:
@@ -130,8 +133,11 @@ class EngineClient:
         pos, end = 0, len(buf)
         while end - pos >= 4 and not self.stopped:
             size = int.from_bytes(buf[pos:pos + 4], "big", signed=True)
-            if size < 0:  # Connection's frame for 2 GiB and more: no message of ours is
-                raise RuntimeError("a message from the engine process of 2 GiB or more")
+            if size < 0:  # Connection's frame for 2 GiB and more: no message of ours is. A
+                # raise here would leave the reader firing on the same bytes: end it instead
+                log.error("a message of 2 GiB or more from the engine process: closing the pipe")
+                self._stop()
+                return
             if end - pos - 4 < size:
                 break
             self._message(pickle.loads(buf[pos + 4:pos + 4 + size]))
