@@ -62,8 +62,10 @@ Bounds: at most --num-prompts requests, each at most --timeout s, the whole run 
 aborted and counted failed, and the output says so. The only traffic is to --base-url (or
 the launched server on 127.0.0.1); proxy environment variables are ignored.
 
-The streams are read with aiohttp (the dev extra), which takes about half the CPU per chunk
-that httpx does: on a small machine the client shares the CPUs with the server it measures.
+The streams are read by serve_bench/wire.py: keep-alive connections as asyncio protocols with
+httptools' parser, on uvloop when installed (both in the serve and dev extras). On a small
+machine the client shares the CPUs with the server it measures; this takes about half the CPU
+per streamed chunk that aiohttp does (docs/perf.md), which took half of httpx's.
 
 Exit status: 0 when at least one request succeeded; 1 when none did, every warm-up request
 failed, or the launched server did not come up; 2 for bad arguments.
@@ -91,6 +93,25 @@ from serve_bench.report import machine, write_plots  # noqa: E402
 from serve_bench.stats import fmt, format_table, summarize  # noqa: E402
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+
+
+def _run_loop(coro):
+    """``asyncio.run(coro)`` on uvloop when it is installed (the serve extra), else on asyncio's
+    own loop. The main task returns None: at its end, Python 3.11's asyncio.Runner formats the
+    task's repr (and with it the whole result) while it restores the SIGINT handler, which for
+    a run of a few thousand requests took over a second."""
+    out = []
+
+    async def main():
+        out.append(await coro)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+    else:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
+            r.run(main())
+    return out[0]
 
 
 def jsonable(x):
@@ -282,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             if done[0] % step == 0 or done[0] == len(prompts):
                 print(f"  {done[0]}/{len(prompts)} requests done", flush=True)
 
-        run = asyncio.run(run_benchmark(
+        run = _run_loop(run_benchmark(
             url, prompts, model=model, temperature=a.temperature, request_rate=a.request_rate,
             max_concurrency=a.max_concurrency, seed=a.seed, timeout=a.timeout, max_duration=a.max_duration,
             api_key=a.api_key, num_warmups=a.num_warmups, progress=progress,

@@ -1,4 +1,4 @@
-"""The load generator's client: streaming completions over aiohttp, one record per request
+"""The load generator's client: streaming completions over wire.Pool, one record per request
 (when each token arrived), bounded by concurrency, a Poisson rate and --max-duration."""
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import json
 import time
 from dataclasses import dataclass, field
 
-import aiohttp
 import httpx
 
 from .cpu import cpu_used
 from .datasets import Prompt
 from .stats import arrival_offsets, itls, tpot
+from .wire import Pool
 
 WARMUP_FAILED = "every warm-up request failed"
 
@@ -96,45 +96,49 @@ def _sse_data(raw: bytes, rec: RequestRecord, st: float, now: float) -> bool:
     return False
 
 
-async def _stream(client: aiohttp.ClientSession, url: str, headers: dict, payload: dict,
-                  rec: RequestRecord, st: float) -> None:
-    max_lines = 8 * payload["max_tokens"] + 64  # a bound on the SSE loop besides --timeout
-    async with client.post(url, json=payload, headers=headers) as resp:
-        if resp.status != 200:
-            body = (await resp.read())[:500].decode("utf-8", "replace").strip()
-            raise RequestFailed(f"HTTP {resp.status}: {body}")
-        done = False
-        lines = 0
-        rest = b""
-        # whatever arrived, split into lines here: one await per read, not one per line
-        async for data in resp.content.iter_any():
-            now = time.perf_counter()
-            *whole, rest = (rest + data).split(b"\n")
-            lines += len(whole)
-            if lines > max_lines:
-                raise RequestFailed(f"more than {max_lines} SSE lines for max_tokens {payload['max_tokens']}")
-            for raw in whole:
-                if raw.startswith(b"data:") and _sse_data(raw, rec, st, now):
-                    done = True  # stops at [DONE]
-                    break
-            if done:
-                break
-        if not done and rest.startswith(b"data:"):
-            done = _sse_data(rest, rec, st, time.perf_counter())  # a last line without its newline
-        if not done:
-            raise RequestFailed("stream ended without data: [DONE]")
+class _SSE:
+    """The sink of one streamed response (wire.Sink): splits what arrives into lines, reads each
+    ``data:`` line into the record, and says when ``data: [DONE]`` came."""
+    __slots__ = ("rec", "st", "max_tokens", "max_lines", "lines", "rest", "done")
+
+    def __init__(self, rec: RequestRecord, st: float, max_tokens: int):
+        self.rec, self.st, self.max_tokens, self.rest, self.lines, self.done = rec, st, max_tokens, b"", 0, False
+        self.max_lines = 8 * max_tokens + 64  # a bound on the SSE lines besides --timeout
+
+    def __call__(self, data: bytes) -> bool:
+        now = time.perf_counter()
+        *whole, self.rest = (self.rest + data).split(b"\n")
+        self.lines += len(whole)
+        if self.lines > self.max_lines:
+            raise RequestFailed(f"more than {self.max_lines} SSE lines for max_tokens {self.max_tokens}")
+        for raw in whole:
+            if raw.startswith(b"data:") and _sse_data(raw, self.rec, self.st, now):
+                self.done = True  # stops at [DONE]
+                return True
+        return False
+
+
+async def _stream(pool: Pool, headers: dict, payload: dict, rec: RequestRecord, st: float) -> None:
+    sse = _SSE(rec, st, payload["max_tokens"])
+    status, head = await pool.post("", headers, json.dumps(payload).encode(), sse)
+    if status != 200:
+        raise RequestFailed(f"HTTP {status}: {head.decode('utf-8', 'replace').strip()}")
+    if not sse.done and sse.rest.startswith(b"data:"):
+        sse.done = _sse_data(sse.rest, rec, st, time.perf_counter())  # a last line without its newline
+    if not sse.done:
+        raise RequestFailed("stream ended without data: [DONE]")
     if not rec.token_times_s:
         raise RequestFailed("no token chunk received")
 
 
-async def send_request(client: aiohttp.ClientSession, url: str, headers: dict, payload: dict,
-                       rec: RequestRecord, t0: float, timeout: float) -> RequestRecord:
+async def send_request(pool: Pool, headers: dict, payload: dict, rec: RequestRecord, t0: float,
+                       timeout: float) -> RequestRecord:
     """Send one streaming request and fill ``rec``; never raises (but for cancellation)."""
     rec.sent = True
     st = time.perf_counter()
     rec.start_s = st - t0
     try:
-        await asyncio.wait_for(_stream(client, url, headers, payload, rec, st), timeout)
+        await asyncio.wait_for(_stream(pool, headers, payload, rec, st), timeout)
         rec.e2e_s = time.perf_counter() - st
         rec.ttft_s = rec.token_times_s[0]
         if rec.output_tokens_from is None:
@@ -146,10 +150,8 @@ async def send_request(client: aiohttp.ClientSession, url: str, headers: dict, p
         rec.error = f"timeout: no complete response within --timeout {timeout:g} s"
     except RequestFailed as e:
         rec.error = str(e)
-    except aiohttp.ClientError as e:
+    except Exception as e:  # noqa: BLE001 - a request's failure (connection, protocol) must not end the run
         rec.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-    except Exception as e:  # noqa: BLE001 - a request's failure must not end the run
-        rec.error = f"{type(e).__name__}: {e}"
     finally:
         if rec.e2e_s is None:
             rec.e2e_s = time.perf_counter() - st
@@ -167,12 +169,6 @@ def make_payload(p: Prompt, model: str | None, temperature: float) -> dict:
 
 def auth_headers(api_key: str | None) -> dict:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
-
-
-def new_client(max_connections: int) -> aiohttp.ClientSession:
-    # trust_env=False: no proxy from the environment; traffic goes to the given URL only
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=max_connections),
-                                 timeout=aiohttp.ClientTimeout(total=None), trust_env=False)
 
 
 def resolve_model(base_url: str, api_key: str | None, timeout: float = 10.0) -> tuple[str | None, str | None]:
@@ -210,16 +206,15 @@ async def run_benchmark(url: str, prompts: list[Prompt], *, model: str | None, t
 
     def slot():  # a place among --max-concurrency requests in flight (any number without it)
         return sem if sem is not None else contextlib.nullcontext()
-    most = max(len(prompts), num_warmups if prompts else 0)  # requests that can be in flight at once
-    conns = max(1, min(max_concurrency or most, most))
-    async with new_client(conns) as client:
+    pool = Pool(url)  # connections opened as requests need them: at most the requests in flight
+    try:
         # untimed: the first prompt, at most 8 tokens, at the run's concurrency (as vLLM's bench
         # serve warms up), so the timed run starts on open connections
         warm = Prompt(prompts[0].prompt, min(prompts[0].max_tokens, 8)) if prompts else None
 
         async def warm_one(w: int) -> RequestRecord:
             async with slot():
-                return await send_request(client, url, headers, make_payload(warm, model, temperature),
+                return await send_request(pool, headers, make_payload(warm, model, temperature),
                                           RequestRecord(-1 - w, None, warm.max_tokens), time.perf_counter(), timeout)
 
         warmed = await asyncio.gather(*(warm_one(w) for w in range(num_warmups if prompts else 0)))
@@ -234,7 +229,7 @@ async def run_benchmark(url: str, prompts: list[Prompt], *, model: str | None, t
 
         async def one(rec: RequestRecord, p: Prompt):
             async with slot():
-                await send_request(client, url, headers, make_payload(p, model, temperature), rec, t0, timeout)
+                await send_request(pool, headers, make_payload(p, model, temperature), rec, t0, timeout)
             if progress:
                 progress(rec)
 
@@ -257,6 +252,8 @@ async def run_benchmark(url: str, prompts: list[Prompt], *, model: str | None, t
             await asyncio.gather(*pending, return_exceptions=True)
         t_end = time.perf_counter()
         cpu_after = cpu_probe() if cpu_probe else None
+    finally:
+        pool.close()
     for rec in records:
         if rec.sent and not rec.success and rec.error is None:
             rec.error = "aborted: --max-duration reached while in flight"
