@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .kernels import cpu_ext
 from .options import SamplingParams
 
 __all__ = ["SamplingParams", "Sampled", "make_generator", "sample", "sample_one", "sample_step",
@@ -66,12 +67,21 @@ def _to_device(rows: list[list[float]], device) -> torch.Tensor:
     return t
 
 
-def sample_tokens(logits_BV: torch.Tensor, params: list[SamplingParams], gens: list) -> torch.Tensor:
+def _greedy(logits_BV: torch.Tensor) -> torch.Tensor:
+    """Each row's first maximum (torch.max's index; on the CPU in float32 from one C call)."""
+    fast = cpu_ext.argmax_rows(logits_BV) if logits_BV.device.type == "cpu" else None
+    return fast[0] if fast is not None else torch.max(logits_BV, dim=-1).indices
+
+
+def sample_tokens(logits_BV: torch.Tensor, params: list[SamplingParams], gens: list,
+                  greedy_B: torch.Tensor | None = None) -> torch.Tensor:
     """Each row's token [B] (int64, on the logits' device), batched: greedy rows take the
-    argmax; the others are scaled by their temperature, cut to their top-k and top-p and
-    drawn with their own generator (``gens[b]``, on the logits' device). The per-row
-    settings reach the device in one non-blocking copy; nothing waits for the device."""
-    greedy_B = torch.max(logits_BV, dim=-1).indices  # argmax's first maximum, in a third of its time on CPU
+    argmax (``greedy_B`` when the caller has it); the others are scaled by their
+    temperature, cut to their top-k and top-p and drawn with their own generator
+    (``gens[b]``, on the logits' device). The per-row settings reach the device in one
+    non-blocking copy; nothing waits for the device."""
+    if greedy_B is None:
+        greedy_B = _greedy(logits_BV)
     rand = [b for b, p in enumerate(params) if p.temperature != 0]
     if not rand:
         return greedy_B
@@ -115,12 +125,15 @@ def sample_step(logits_BV: torch.Tensor, params: list[SamplingParams], gens: lis
     B = logits_BV.shape[0]
     if B == 0:
         return []
-    toks_B = sample_tokens(logits_BV, params, gens)
+    fast = cpu_ext.argmax_rows(logits_BV) if logits_BV.device.type == "cpu" else None
+    toks_B = sample_tokens(logits_BV, params, gens, None if fast is None else fast[0])
     top_n = [p.logprobs for p in params]
     asks = [b for b, n in enumerate(top_n) if n is not None]
     # a row's float32 sum is finite when all its logits are (a cheap pass); a row whose sum is
-    # not (NaN, inf, or finite logits so large that the sum overflows) is checked exactly below
-    cols = [toks_B.double()[:, None], torch.isfinite(logits_BV.sum(dim=-1)).double()[:, None]]
+    # not (NaN, inf, or finite logits so large that the sum overflows) is checked exactly below.
+    # The C argmax says exactly which rows are finite.
+    finite_B = fast[1] if fast is not None else torch.isfinite(logits_BV.sum(dim=-1))
+    cols = [toks_B.double()[:, None], finite_B.double()[:, None]]
     n_max = max((top_n[b] for b in asks), default=0)
     if asks:
         lp_BV = torch.log_softmax(logits_BV.float(), dim=-1)

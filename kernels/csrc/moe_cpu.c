@@ -882,3 +882,41 @@ int decode_layers_f32(StepArgs *s, const LayerArgs *layers, int64_t L) {
     mark(s, -1);
     return 0;
 }
+
+/* ---- greedy sampling's argmax, float32 --------------------------------------------------------
+ * For each row b of x [B][V]: idx[b] = the index of its first maximum, the index torch.max(x,
+ * dim=-1) gives (a row holding a NaN: its first NaN's), and finite[b] = 1 when every value of
+ * the row is finite. One vectorised pass for the maximum and the finiteness (x - x is 0 only
+ * for a finite x), then a scan for the first index holding it; threads over rows. */
+void argmax_rows_f32(const float *x, int64_t B, int64_t V, int64_t *idx, uint8_t *finite) {
+#pragma omp parallel for schedule(static) if (B * V > (1 << 16))
+    for (int64_t b = 0; b < B; ++b) {
+        const float *restrict r = x + b * V;
+        float m = -INFINITY;
+        int bad = 0;
+#pragma omp simd reduction(max : m) reduction(| : bad)
+        for (int64_t v = 0; v < V; ++v) {
+            m = r[v] > m ? r[v] : m; /* a NaN compares false: skipped here, found below */
+            bad |= !(r[v] - r[v] == 0.0f);
+        }
+        int64_t at = 0;
+        if (bad)
+            while (at < V && r[at] == r[at]) ++at; /* the first NaN, if any */
+        if (!bad || at == V) { /* the first index holding m: 64 at a time, then within the block */
+            at = 0;
+            for (int64_t v0 = 0; v0 < V; v0 += 64) {
+                const int64_t n = V - v0 < 64 ? V - v0 : 64;
+                int hit = 0;
+#pragma omp simd reduction(| : hit)
+                for (int64_t v = 0; v < n; ++v) hit |= r[v0 + v] == m;
+                if (hit) {
+                    at = v0;
+                    while (r[at] != m) ++at;
+                    break;
+                }
+            }
+        }
+        idx[b] = at;
+        finite[b] = (uint8_t)!bad;
+    }
+}
