@@ -41,3 +41,34 @@ def test_metrics_exposition():
     assert get("moerun:e2e_request_latency_seconds_bucket", le="0.5") == 1
     assert get("moerun:layout_info", tp="2", pp="1", ep="2", dp="1", dtype="bfloat16", device="cuda") == 1
     assert b'model_name="tiny-moe"' not in other.render()[0]
+
+
+def test_observe_many_equals_observe_one_by_one():
+    """The bulk update of a request's inter-token gaps gives the histogram that observing
+    each gap does: every bucket and the count equal, the sum to rounding (random values,
+    bucket bounds themselves, 0, inf, huge)."""
+    import math
+    import random
+
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from moerun.serve.metrics import ITL_BUCKETS, observe_many
+
+    def samples(reg):
+        return {(s.name, s.labels.get("le")): s.value for fam in text_string_to_metric_families(
+            generate_latest(reg).decode()) for s in fam.samples if not s.name.endswith("_created")}
+    rng = random.Random(7)
+    for trial in range(100):
+        regs = [CollectorRegistry(), CollectorRegistry()]
+        one, many = (Histogram("h", "h", ["m"], buckets=ITL_BUCKETS, registry=r).labels("x") for r in regs)
+        for _ in range(rng.randrange(1, 4)):  # a few requests into the same histogram
+            vals = [rng.choice([rng.expovariate(8), rng.choice(ITL_BUCKETS), 0.0, math.inf, 1e9, 0.0100000001])
+                    for _ in range(rng.randrange(0, 70))]
+            for v in vals:
+                one.observe(v)
+            observe_many(many, vals)
+        a, b = samples(regs[0]), samples(regs[1])
+        assert a.keys() == b.keys()
+        for k in a:
+            assert (b[k] == pytest.approx(a[k], rel=1e-12)) if k[0] == "h_sum" else b[k] == a[k], (trial, k)

@@ -23,6 +23,7 @@ Every metric carries the label ``model_name``:
 """
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Iterable
 
@@ -90,14 +91,35 @@ class ServerMetrics:
         self.generation_tokens.inc(gen_tokens)
         if ttft_s is not None:
             self.ttft.observe(ttft_s)
-        for dt in itls:
-            self.itl.observe(dt)
+        observe_many(self.itl, itls)
         if e2e_s is not None:
             self.e2e.observe(e2e_s)
 
     def render(self) -> tuple[bytes, str]:
         """(body, content type) for GET /metrics."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def observe_many(h, values: Iterable[float]) -> None:
+    """``h.observe(v)`` for each value, as one update per bucket that got any (a request's
+    inter-token gaps at its end: one per output token). Histogram.observe takes two locked
+    increments and a bucket search per value, ~3 us; this reads the labelled histogram's
+    ``_upper_bounds``, ``_buckets`` and ``_sum``, and falls back to observe without them."""
+    bounds, buckets, total = (getattr(h, a, None) for a in ("_upper_bounds", "_buckets", "_sum"))
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for v in values:
+            h.observe(v)
+        return
+    counts = [0] * len(bounds)
+    s = 0.0
+    for v in values:
+        counts[bisect.bisect_left(bounds, v)] += 1  # the first bound >= v, as observe's `v <= bound`
+        s += v
+    if any(counts):
+        total.inc(s)
+        for i, n in enumerate(counts):
+            if n:
+                buckets[i].inc(n)
 
 
 class RequestClock:
