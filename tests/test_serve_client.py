@@ -201,3 +201,37 @@ def test_the_pipes_framing_and_a_closed_pipe():
     assert readies == [("x" * 300_000, 1), ("y", 2)]
     assert isinstance(got[0][1], Accepted) and got[1][1] == Token(42, False, None, None, ())
     assert got[2][1].status == 500 and client.stopped and client.closed.is_set()
+
+
+def test_the_idle_loop_sleeps_and_wakes_on_a_message_or_a_drain():
+    """No request in flight: the loop ticks no step (it waits in select) until a submit comes,
+    which it answers at once; a drain wakes it at once too (well before IDLE_WAIT_S), and it
+    returns."""
+    from moerun.serve import loop as loop_mod
+
+    engine_end, http_end = mp.Pipe()
+    engine = FakeEngine(3)
+    steps = []
+    real_step = engine.step
+    engine.step = lambda: steps.append(time.monotonic()) or real_step()
+    loop = EngineLoop(engine, engine_end)
+    runner = threading.Thread(target=loop.run, daemon=True)
+    runner.start()
+    time.sleep(0.3)
+    assert not steps and runner.is_alive()  # idle: no step
+    t0 = time.monotonic()
+    http_end.send_bytes(pickle.dumps(("submit", 7, [1, 2], SamplingParams(max_new_tokens=30))))
+    answers = []
+    while sum(len(m[5]) + sum(1 for it in m[1] if type(it[1]) is tuple) for m in answers if m[0] == "step") < 30:
+        assert http_end.poll(5), "no answer from the loop"
+        answers.append(http_end.recv())
+    assert steps and steps[0] - t0 < 0.2  # woken by the submit, not by the idle timeout
+    assert isinstance(answers[0][1][0][1], Accepted)
+    n = len(steps)
+    time.sleep(0.3)
+    assert len(steps) == n  # idle again
+    t1 = time.monotonic()
+    loop.drain(5.0)
+    runner.join(2)
+    assert not runner.is_alive() and time.monotonic() - t1 < 0.2 < loop_mod.IDLE_WAIT_S
+    loop.drain(1.0)  # after the loop ended: nothing to wake, no error

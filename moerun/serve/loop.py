@@ -17,8 +17,10 @@ step that made the token ended; None for the others). Then the step's plain toke
 last, no log probabilities, made by this step, which ended at ``t_step``) as two columns of
 ints: most steps are only those, and a message of columns unpickles in a fraction of the
 time of one object per token (the HTTP process's one thread does that work for every step).
-``("drain",)`` when draining starts, ``("stop",)`` at the end. A reader thread takes the
-HTTP messages into the loop between steps.
+``("drain",)`` when draining starts, ``("stop",)`` at the end. The loop reads the HTTP
+messages itself between steps (a poll that does not wait while requests are in flight): a
+submit written while a step runs wakes no thread of the engine process, whose cores the
+step's threads are using.
 
 ``stream_interval`` N > 1 (SGLang's ``--stream-interval``) holds a request's tokens back and
 sends them N at a time: its first token goes at once, then every Nth, and whatever is held
@@ -27,8 +29,9 @@ the client's shrink N-fold, which on a machine whose cores the engine also uses 
 time); the token times stay those of the steps that made them, so the latency metrics do
 not move.
 
-When nothing is in flight the loop sleeps on a condition: an idle server ticks no step and
-sends nothing over the control group. ``drain`` refuses new requests, lets the ones in
+When nothing is in flight the loop sleeps in ``select`` on the pipe (and on a wake-up pipe
+that ``drain`` writes to): an idle server ticks no step and sends nothing over the control
+group. ``drain`` refuses new requests, lets the ones in
 flight finish, and after the timeout aborts what is left (their clients get an error). An
 exception in a step (a peer rank died, a collective timed out) fails every request in
 flight with ``Failed`` and is re-raised from ``run``: the process then exits non-zero.
@@ -36,7 +39,8 @@ flight with ``Failed`` and is re-raised from ``run``: the process then exits non
 from __future__ import annotations
 
 import logging
-import threading
+import os
+import select
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -44,7 +48,7 @@ from typing import NamedTuple
 from ..engine import Engine
 
 log = logging.getLogger("moerun")
-IDLE_WAIT_S = 0.5  # an idle loop wakes this often only to look at the drain flag
+IDLE_WAIT_S = 0.5  # an idle loop wakes at least this often (drain also wakes it at once)
 
 
 @dataclass(frozen=True)
@@ -89,8 +93,8 @@ class EngineLoop:
         self.stream_interval = stream_interval  # >= 1 (moerun.serve.cli checks the flag)
         self.held: dict[int, list[tuple]] = {}  # HTTP handle id -> its held (hid, event, t)
         self.started: set[int] = set()  # HTTP handle ids whose first token has gone out
-        self.cond = threading.Condition()
-        self.inbox: list[tuple] = []  # messages from the HTTP process, not yet handled
+        self.wake_r, self.wake_w = os.pipe()  # drain() -> the idle select
+        os.set_blocking(self.wake_w, False)
         self.live: dict[int, int] = {}  # engine request id -> HTTP handle id
         self.req_of: dict[int, int] = {}  # HTTP handle id -> engine request id
         self.draining = False
@@ -100,21 +104,23 @@ class EngineLoop:
         self.t_step: float | None = None  # when the last step ended
         self.hids: list[int] = []  # the step's plain tokens' handles and tokens (the columns)
         self.tokens: list[int] = []
-        threading.Thread(target=self._read, name="from-http", daemon=True).start()
 
-    def _read(self) -> None:
-        """The reader thread: HTTP messages into the inbox (EOF: the HTTP process is gone)."""
-        while True:
-            try:
-                msg = self.conn.recv()
-            except (EOFError, OSError):
-                with self.cond:
-                    self.http_gone = True
-                    self.cond.notify()
-                return
-            with self.cond:
-                self.inbox.append(msg)
-                self.cond.notify()
+    def _receive(self, wait: bool) -> list[tuple]:
+        """Every message the HTTP process has written (EOF: it is gone). ``wait``: when there
+        is none, sleep until one comes, ``drain`` is called, or IDLE_WAIT_S passes."""
+        if self.http_gone:
+            return []
+        if wait:
+            ready, _, _ = select.select([self.conn.fileno(), self.wake_r], [], [], IDLE_WAIT_S)
+            if self.wake_r in ready:
+                os.read(self.wake_r, 4096)
+        msgs = []
+        try:
+            while self.conn.poll(0):
+                msgs.append(self.conn.recv())
+        except (EOFError, OSError):
+            self.http_gone = True
+        return msgs
 
     def _send(self, msg) -> None:
         """Only the main thread sends (the reader thread only receives): no lock needed."""
@@ -129,18 +135,20 @@ class EngineLoop:
         if not self.draining:
             self.drain_deadline = time.monotonic() + timeout_s
             self.draining = True
-            with self.cond:
-                self.cond.notify()
+            if self.wake_w >= 0:
+                try:
+                    os.write(self.wake_w, b"d")
+                except OSError:  # full: it already says so
+                    pass
 
     def run(self) -> None:
         out: list[tuple] = []
         told_drain = False
         try:
             while True:
-                with self.cond:
-                    while not (self.inbox or self.engine.has_unfinished() or self.draining or self.http_gone):
-                        self.cond.wait(IDLE_WAIT_S)
-                    inbox, self.inbox = self.inbox, []
+                inbox = self._receive(wait=False)
+                while not (inbox or self.engine.has_unfinished() or self.draining or self.http_gone):
+                    inbox = self._receive(wait=True)
                 if self.http_gone and not self.draining:
                     log.warning("the HTTP process is gone: draining")
                     self.drain(0.0)
@@ -178,6 +186,10 @@ class EngineLoop:
                 out.append((hid, Failed(500, f"the engine failed: {type(e).__name__}: {e}"), None))
             self._flush(out)
             raise
+        finally:
+            wake, self.wake_r, self.wake_w = (self.wake_r, self.wake_w), -1, -1  # drain() after this: no write
+            for fd in wake:
+                os.close(fd)
 
     def _emit(self, hid: int, ev, t: float, out: list) -> None:
         """A token event to send now, or to hold back (``stream_interval``)."""
