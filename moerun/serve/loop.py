@@ -123,7 +123,7 @@ class EngineLoop:
         return msgs
 
     def _send(self, msg) -> None:
-        """Only the main thread sends (the reader thread only receives): no lock needed."""
+        """The loop's thread is the only one that touches the pipe: no lock needed."""
         try:
             self.conn.send(msg)
         except (BrokenPipeError, OSError):
