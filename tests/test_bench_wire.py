@@ -197,3 +197,36 @@ def test_request_bytes_and_bad_urls():
     for bad in ("ftp://h/", "127.0.0.1:8000", "http://"):
         with pytest.raises(ValueError, match="expected http"):
             Pool(bad)
+
+
+def test_a_body_delimited_by_the_close():
+    """An HTTP/1.0-style response (no Content-Length, not chunked) ends when the server closes:
+    its status and body are the response's, not an error; a framed body cut short still is."""
+    replies = {
+        b"/eof": b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: 1\n\ndata: 2\n\n",
+        b"/busy": b"HTTP/1.0 503 Service Unavailable\r\n\r\nbusy",
+        b"/short": b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this",
+    }
+
+    async def handle(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        n = int(next(v for k, v in (ln.split(b": ", 1) for ln in head.split(b"\r\n")[1:] if b": " in ln)
+                     if k.lower() == b"content-length"))
+        await reader.readexactly(n)
+        writer.write(replies[head.split(b" ")[1]])
+        await writer.drain()
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        pool = Pool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        s = Collect()
+        assert await pool.post("/eof", {}, b"{}", s) == (200, b"")
+        assert s.data == b"data: 1\n\ndata: 2\n\n"
+        assert await pool.post("/busy", {}, b"{}", Collect()) == (503, b"busy")
+        with pytest.raises(ConnectionClosed):
+            await pool.post("/short", {}, b"{}", Collect())
+        assert not pool.open
+        server.close()
+        await server.wait_closed()
+    asyncio.run(main())

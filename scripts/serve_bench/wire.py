@@ -46,6 +46,7 @@ class _Conn(asyncio.Protocol):
         self.status = 0
         self.head = bytearray()
         self.keep_alive = False
+        self.framed = False  # the response has a Content-Length or is chunked: else the close ends it
         self.complete = True  # no response in progress: the connection may take a request
 
     # ---- asyncio.Protocol
@@ -63,12 +64,19 @@ class _Conn(asyncio.Protocol):
     def connection_lost(self, exc):
         self.closed = True
         self.pool.forget(self)
-        if self.waiter is not None and not self.waiter.done():
+        w = self.waiter
+        if w is not None and not w.done():
+            if self.status and not self.framed and exc is None:  # a body delimited by the close (HTTP/1.0)
+                w.set_result((self.status, bytes(self.head)))
+                return
             why = f": {exc}" if exc else ""
-            self.waiter.set_exception(ConnectionClosed(
-                f"the server closed the connection before the response ended{why}"))
+            w.set_exception(ConnectionClosed(f"the server closed the connection before the response ended{why}"))
 
     # ---- httptools callbacks
+    def on_header(self, name: bytes, value: bytes):
+        if name.lower() in (b"content-length", b"transfer-encoding"):
+            self.framed = True
+
     def on_headers_complete(self):
         self.status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()
@@ -112,7 +120,7 @@ class _Conn(asyncio.Protocol):
 
     def start(self, data: bytes, sink: Sink) -> asyncio.Future:
         self.waiter = asyncio.get_running_loop().create_future()
-        self.sink, self.status, self.head, self.complete = sink, 0, bytearray(), False
+        self.sink, self.status, self.head, self.framed, self.complete = sink, 0, bytearray(), False, False
         self.transport.write(data)
         return self.waiter
 
