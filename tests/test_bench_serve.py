@@ -8,7 +8,6 @@ import importlib.util
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from asgi_thread import serve_in_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_serve.py"
@@ -194,24 +194,11 @@ def make_app(state: dict):
 @pytest.fixture
 def stub():
     pytest.importorskip("fastapi")
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     state = {"mode": "ok", "count": 0, "bodies": [], "auth": [], "sent": [], "inflight": 0, "peak": 0}
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(make_app(state), log_level="warning", timeout_graceful_shutdown=1))
-    th = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    th.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.02)
-    assert server.started
-    state["url"] = f"http://127.0.0.1:{port}"
-    yield state
-    server.should_exit = True
-    th.join(timeout=5)
-    sock.close()
+    with serve_in_thread(make_app(state), log_level="warning") as url:
+        state["url"] = url
+        yield state
 
 
 def run_script(*args, timeout=60, env=None):

@@ -8,14 +8,13 @@ import asyncio
 import json
 import socket
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("httptools")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from asgi_thread import serve_in_thread  # noqa: E402
 from serve_bench.wire import ConnectionClosed, Pool  # noqa: E402
 
 
@@ -58,22 +57,9 @@ async def app(scope, receive, send):
 
 @pytest.fixture(scope="module")
 def base_url():
-    uvicorn = pytest.importorskip("uvicorn")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", http="httptools", timeout_graceful_shutdown=1))
-    th = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    th.start()
-    for _ in range(250):
-        if server.started:
-            break
-        time.sleep(0.02)
-    assert server.started
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    th.join(timeout=5)
-    sock.close()
+    pytest.importorskip("uvicorn")
+    with serve_in_thread(app, log_level="critical", http="httptools") as url:
+        yield url
 
 
 class Collect:
