@@ -67,12 +67,6 @@ def _to_device(rows: list[list[float]], device) -> torch.Tensor:
     return t
 
 
-def _greedy(logits_BV: torch.Tensor) -> torch.Tensor:
-    """Each row's first maximum (torch.max's index; on the CPU in float32 from one C call)."""
-    fast = cpu_ext.argmax_rows(logits_BV) if logits_BV.device.type == "cpu" else None
-    return fast[0] if fast is not None else torch.max(logits_BV, dim=-1).indices
-
-
 def sample_tokens(logits_BV: torch.Tensor, params: list[SamplingParams], gens: list,
                   greedy_B: torch.Tensor | None = None) -> torch.Tensor:
     """Each row's token [B] (int64, on the logits' device), batched: greedy rows take the
@@ -80,8 +74,9 @@ def sample_tokens(logits_BV: torch.Tensor, params: list[SamplingParams], gens: l
     temperature, cut to their top-k and top-p and drawn with their own generator
     (``gens[b]``, on the logits' device). The per-row settings reach the device in one
     non-blocking copy; nothing waits for the device."""
-    if greedy_B is None:
-        greedy_B = _greedy(logits_BV)
+    if greedy_B is None:  # each row's first maximum: one C call for CPU float32 (None elsewhere)
+        fast = cpu_ext.argmax_rows(logits_BV)
+        greedy_B = fast[0] if fast is not None else torch.max(logits_BV, dim=-1).indices
     rand = [b for b, p in enumerate(params) if p.temperature != 0]
     if not rand:
         return greedy_B
@@ -125,7 +120,7 @@ def sample_step(logits_BV: torch.Tensor, params: list[SamplingParams], gens: lis
     B = logits_BV.shape[0]
     if B == 0:
         return []
-    fast = cpu_ext.argmax_rows(logits_BV) if logits_BV.device.type == "cpu" else None
+    fast = cpu_ext.argmax_rows(logits_BV)  # (first maxima, finite rows) on CPU float32, else None
     toks_B = sample_tokens(logits_BV, params, gens, None if fast is None else fast[0])
     top_n = [p.logprobs for p in params]
     asks = [b for b, n in enumerate(top_n) if n is not None]

@@ -100,17 +100,16 @@ def _run_loop(coro):
     own loop. The main task returns None: at its end, Python 3.11's asyncio.Runner formats the
     task's repr (and with it the whole result) while it restores the SIGINT handler, which for
     a run of a few thousand requests took over a second."""
+    try:
+        from uvloop import new_event_loop
+    except ImportError:
+        new_event_loop = None  # asyncio's own
     out = []
 
     async def main():
         out.append(await coro)
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main())
-    else:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
-            r.run(main())
+    with asyncio.Runner(loop_factory=new_event_loop) as r:
+        r.run(main())
     return out[0]
 
 

@@ -47,7 +47,6 @@ class _Conn(asyncio.Protocol):
         self.head = bytearray()
         self.keep_alive = False
         self.framed = False  # the response has a Content-Length or is chunked: else the close ends it
-        self.complete = True  # no response in progress: the connection may take a request
 
     # ---- asyncio.Protocol
     def connection_made(self, transport):
@@ -95,8 +94,7 @@ class _Conn(asyncio.Protocol):
         except Exception as e:  # noqa: BLE001 - the sink's verdict on the stream: the request fails with it
             self._fail(e)
 
-    def on_message_complete(self):
-        self.complete = True
+    def on_message_complete(self):  # the only place a connection goes back to the pool
         w = self.waiter
         if w is not None and not w.done():
             w.set_result((self.status, bytes(self.head)))
@@ -120,7 +118,7 @@ class _Conn(asyncio.Protocol):
 
     def start(self, data: bytes, sink: Sink) -> asyncio.Future:
         self.waiter = asyncio.get_running_loop().create_future()
-        self.sink, self.status, self.head, self.framed, self.complete = sink, 0, bytearray(), False, False
+        self.sink, self.status, self.head, self.framed = sink, 0, bytearray(), False
         self.transport.write(data)
         return self.waiter
 
@@ -153,7 +151,7 @@ class Pool:
     async def _connection(self) -> _Conn:
         while self.idle:
             c = self.idle.pop()
-            if not c.closed and c.complete:
+            if not c.closed:
                 return c
         loop = asyncio.get_running_loop()
         _, c = await loop.create_connection(lambda: _Conn(self), self.host, self.port, ssl=self.ssl,

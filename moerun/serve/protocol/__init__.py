@@ -52,14 +52,15 @@ from .errors import APIError, check_model, error_body, parse_request, validation
 from .requests import (MAX_FANOUT, MAX_LOGPROBS, MAX_N, ChatCompletionRequest, ChatMessage, CompletionRequest,
                        StreamOptions, TextPart, check_fanout, check_length, choice_index, echo_texts, prompts_of,
                        resolve_max_tokens, to_sampling)
-from .responses import (LOGPROB_FLOOR, SSE_DONE, CompletionLogprobs, TokenChunks, chat_chunk, chat_choice, chat_logprobs,
-                        chat_response, chat_role_chunk, completion_choice, completion_chunk, completion_response,
-                        dumps, model_card, model_list, new_id, now, sse, token_text, usage, usage_chunk)
+from .responses import (LOGPROB_FLOOR, SSE_DONE, CompletionLogprobs, TokenChunks, chat_chunk, chat_choice,
+                        chat_logprobs, chat_response, chat_role_chunk, completion_choice, completion_chunk,
+                        completion_response, dumps, model_card, model_list, new_id, now, sse, token_text, usage,
+                        usage_chunk)
 
 __all__ = ["APIError", "check_model", "error_body", "parse_request", "validation_error", "MAX_FANOUT",
            "MAX_LOGPROBS", "MAX_N", "ChatCompletionRequest", "ChatMessage", "CompletionRequest", "StreamOptions",
            "TextPart", "check_fanout", "check_length", "choice_index", "echo_texts", "prompts_of",
-           "resolve_max_tokens", "to_sampling", "LOGPROB_FLOOR", "SSE_DONE", "CompletionLogprobs", "TokenChunks", "chat_chunk",
-           "chat_choice", "chat_logprobs", "chat_response", "chat_role_chunk", "completion_choice",
+           "resolve_max_tokens", "to_sampling", "LOGPROB_FLOOR", "SSE_DONE", "CompletionLogprobs", "TokenChunks",
+           "chat_chunk", "chat_choice", "chat_logprobs", "chat_response", "chat_role_chunk", "completion_choice",
            "completion_chunk", "completion_response", "dumps", "model_card", "model_list", "new_id", "now", "sse",
            "token_text", "usage", "usage_chunk"]
